@@ -1,0 +1,30 @@
+# `make test` and `make demo` build .venv on first use (and again whenever
+# pyproject.toml is newer than it), then run.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+# The CUDA build that pip finds on this machine kind's disk; on a GPU node, pip
+# resolves the same pins against the node's own index.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet $(TORCH_PINS)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/karst demo
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/adapter_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""karst-search: the search, tracking, Pareto front, registry and command line around `karst`."""

@@ -1,0 +1,48 @@
+"""Tiny timm models and helpers shared by the tests (CPU, offline)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from karst import AdaptedLinear  # noqa: E402
+
+VIT_KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+SWIN_KW = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
+               num_heads=(2, 4))
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", VIT_KW),
+    "swin": ("swin_tiny_patch4_window7_224", SWIN_KW),
+}
+
+
+def make_model(kind: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    name, kwargs = MODELS[kind]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+
+
+def randomise_adapters(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Make every adapter tensor non-zero so that equivalence tests can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdaptedLinear):
+                for p in list(module.delta.parameters()) + list(module.rescale.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(42))
