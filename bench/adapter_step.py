@@ -158,8 +158,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def trainable_excluding_head(model: nn.Module) -> int:
     """Works for karst and peft models alike (peft's head wrapper is still `get_classifier`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = karst.classifier_head(base)
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    head_ids = {id(p) for head in karst.classifier_heads(base) for p in head.parameters()}
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
 
 

@@ -18,11 +18,12 @@ from karst.config import (
     make_config,
 )
 from karst.io import load_adapter, read_adapter_config, save_adapter
-from karst.layer import AdaptedLinear, KroneckerDelta, LowRankDelta, Rescale, kronecker_delta
+from karst.functional import kronecker_delta
+from karst.layer import AdaptedLinear, KroneckerDelta, LowRankDelta, Rescale
 from karst.model import (
     adapter_config,
     apply_karst,
-    classifier_head,
+    classifier_heads,
     find_targets,
     merge_karst,
     param_count,
@@ -43,7 +44,7 @@ __all__ = [
     "Rescale",
     "adapter_config",
     "apply_karst",
-    "classifier_head",
+    "classifier_heads",
     "config_from_dict",
     "find_targets",
     "kronecker_delta",

@@ -170,6 +170,8 @@ class FullFinetuneConfig(_ConfigIO):
     method: ClassVar[str] = "full"
 
 
+ADAPTER_CONFIG_TYPES = (KarstConfig, LoraConfig, RescaleConfig, LinearProbeConfig,
+                        FullFinetuneConfig)
 AdapterConfig = Union[
     KarstConfig, LoraConfig, RescaleConfig, LinearProbeConfig, FullFinetuneConfig
 ]

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: `"auto"` forward rule: the dense form (ΔW folded into one matmul) wins once
-#: `tokens * rank * (d_in + d_out) >= DENSE_RULE * d_in * d_out`, i.e. when the factored
-#: path's per-token work outgrows building ΔW once per call. Measured with
-#: `bench/forward_rule.py` on ViT-B/16 layer shapes (see docs/performance.md).
-DENSE_RULE_TRAIN = 2.0
-DENSE_RULE_EVAL = 1.0
+from karst.functional import dense_kronecker_linear, factored_delta, kronecker_delta
+
+#: The `"auto"` forward picks the dense form (ΔW folded into the frozen weight, one matmul)
+#: from this many tokens per call (batch × sequence), the factored form below it. Measured
+#: with `bench/forward_rule.py` on ViT-B/16 layer shapes, fp32 on CPU: dense is 1.5–3× slower
+#: at 16–64 tokens (it builds ΔW twice per step whatever the batch), even near 1 000–1 500
+#: tokens in training and 500–1 000 in inference, and 5–30 % faster at 4 096, with the
+#: crossover nearly independent of N, f, r and the layer's shape (docs/performance.md).
+DENSE_MIN_TOKENS_TRAIN = 1536
+DENSE_MIN_TOKENS_EVAL = 768
 
 
 def _init_(tensor: Tensor, fan_in: int, init: str) -> None:
@@ -77,105 +81,23 @@ class KroneckerDelta(nn.Module):
         return kronecker_delta(self.C, self.A, self.B, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """`ΔW x` without building ΔW: B per input group, C across groups, then A."""
-        return _factored_delta(x, self.C, self.A, self.B, self.scale)
+        """`ΔW x` without building ΔW."""
+        return factored_delta(x, self.C, self.A, self.B, self.scale)
 
-    def linear(self, x: Tensor, base: nn.Linear, mode: str) -> Tensor:
-        """`(W0 + ΔW) x + b0` by the dense or factored form (see `DENSE_RULE_TRAIN`)."""
+    def linear(self, x: Tensor, base: nn.Linear, rescale: nn.Module, mode: str) -> Tensor:
+        """`rescale((W0 + ΔW) x + b0)`, dense or factored (see `DENSE_MIN_TOKENS_TRAIN`)."""
         if mode == "auto":
             mode = "dense" if self._dense_pays(x) else "factored"
         if mode == "dense":
-            return _DenseKroneckerLinear.apply(x, base.weight, base.bias, self.C, self.A,
-                                               self.B, self.scale)
-        return base(x) + self(x)
+            s1, s2 = getattr(rescale, "s1", None), getattr(rescale, "s2", None)
+            return dense_kronecker_linear(x, base.weight, base.bias, self.C, self.A, self.B,
+                                          self.scale, s1, s2)
+        return rescale(base(x) + self(x))
 
     def _dense_pays(self, x: Tensor) -> bool:
-        d_in, d_out = x.shape[-1], self.A.shape[1] * self.factor[0]
-        tokens = x.numel() // d_in
-        rule = DENSE_RULE_TRAIN if torch.is_grad_enabled() and self.B.requires_grad \
-            else DENSE_RULE_EVAL
-        return tokens * self.rank * (d_in + d_out) >= rule * d_in * d_out
-
-
-def kronecker_delta(C: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """`scale · Σ_i kron(C_i, A_i @ B_i)` as one contraction over the kernels."""
-    n, f_out, f_in = C.shape
-    p, q = A.shape[1], B.shape[2]
-    low_rank = torch.bmm(A, B)  # (N, p, q)
-    delta = torch.einsum("nof,nkl->okfl", C, low_rank)
-    return delta.reshape(f_out * p, f_in * q) * scale
-
-
-def _factored_delta(x: Tensor, C: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    n, f_out, f_in = C.shape
-    p, r, q = A.shape[1], A.shape[2], B.shape[2]
-    lead = x.shape[:-1]
-    _, z = _kron_inner(x.reshape(-1, f_in, q), C, B)
-    y = z.reshape(-1, n * r) @ (A.transpose(1, 2).reshape(n * r, p) * scale)
-    return y.reshape(*lead, f_out * p)
-
-
-def _kron_inner(x_groups: Tensor, C: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """(T, f_in, q) → B on each group: z1 (T, f_in, N, r) → C across groups: z2 (T, f_out, N, r)."""
-    n, r = B.shape[0], B.shape[1]
-    z1 = (x_groups @ B.reshape(n * r, -1).t()).unflatten(-1, (n, r))
-    return z1, torch.einsum("nof,tfnr->tonr", C, z1)
-
-
-class _DenseKroneckerLinear(torch.autograd.Function):
-    """Forward: one matmul with `W0 + ΔW`. Backward: the input gradient from that same
-    matmul, the C/A/B gradients in factored form, so the `d_out × d_in` weight gradient
-    that a naive dense form pays is never computed. ΔW is rebuilt in backward rather
-    than kept (it costs `N·d_out·d_in`, far less than one activation matmul)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, C, A, B, scale):  # noqa: ANN001, ANN205
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type),
-                        torch.get_autocast_dtype(x.device.type))
-        ctx.scale = scale
-        ctx.save_for_backward(x, weight, bias, C, A, B)
-        return F.linear(x, _dense_weight(weight, C, A, B, scale), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x, weight, bias, C, A, B = ctx.saved_tensors
-        enabled, dtype = ctx.autocast
-        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            return _dense_kronecker_backward(ctx, grad_out, x, weight, bias, C, A, B)
-
-
-def _dense_weight(weight: Tensor, C: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """`W0 + ΔW`, with ΔW built in float32 even under autocast."""
-    with torch.autocast(weight.device.type, enabled=False):
-        return weight + kronecker_delta(C, A, B, scale).to(weight.dtype)
-
-
-def _dense_kronecker_backward(ctx, grad_out, x, weight, bias, C, A, B):  # noqa: ANN001, ANN202
-    n, f_out, f_in = C.shape
-    p, r, q = A.shape[1], A.shape[2], B.shape[2]
-    scale = ctx.scale
-    need = ctx.needs_input_grad
-    grad_x = grad_w = grad_b = None
-    if need[0]:
-        grad_x = (grad_out @ _dense_weight(weight, C, A, B, scale)).to(x.dtype)
-    g = grad_out.reshape(-1, f_out, p)
-    if need[1]:
-        grad_w = (g.reshape(-1, f_out * p).t() @ x.reshape(g.shape[0], -1)).to(weight.dtype)
-    if need[2]:
-        grad_b = g.reshape(g.shape[0], -1).sum(0).to(bias.dtype)
-    if not any(need[3:6]):
-        return grad_x, grad_w, grad_b, None, None, None, None
-    x_groups = x.reshape(-1, f_in, q)
-    z1, z2 = _kron_inner(x_groups, C, B)
-    a_flat = A.transpose(1, 2).reshape(n * r, p)
-    g_flat = g.reshape(-1, p) * scale
-    grad_a = (z2.reshape(-1, n * r).t() @ g_flat).reshape(n, r, p).transpose(1, 2)
-    dz2 = (g_flat @ a_flat.to(g_flat.dtype).t()).reshape(-1, f_out, n, r)
-    grad_c = torch.einsum("tonr,tfnr->nof", dz2, z1)
-    dz1 = torch.einsum("nof,tonr->tfnr", C, dz2)
-    grad_b_kernels = (dz1.reshape(-1, n * r).t() @ x_groups.reshape(-1, q)).reshape(n, r, q)
-    return (grad_x, grad_w, grad_b, grad_c.to(C.dtype), grad_a.to(A.dtype),
-            grad_b_kernels.to(B.dtype), None)
+        training = torch.is_grad_enabled() and self.B.requires_grad
+        threshold = DENSE_MIN_TOKENS_TRAIN if training else DENSE_MIN_TOKENS_EVAL
+        return x.numel() // x.shape[-1] >= threshold
 
 
 class LowRankDelta(nn.Module):
@@ -203,8 +125,8 @@ class LowRankDelta(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.A), self.B) * self.scale
 
-    def linear(self, x: Tensor, base: nn.Linear, mode: str) -> Tensor:
-        return base(x) + self(x)
+    def linear(self, x: Tensor, base: nn.Linear, rescale: nn.Module, mode: str) -> Tensor:
+        return rescale(base(x) + self(x))
 
 
 class NoDelta(nn.Module):
@@ -213,8 +135,8 @@ class NoDelta(nn.Module):
     def delta_weight(self) -> None:
         return None
 
-    def linear(self, x: Tensor, base: nn.Linear, mode: str) -> Tensor:
-        return base(x)
+    def linear(self, x: Tensor, base: nn.Linear, rescale: nn.Module, mode: str) -> Tensor:
+        return rescale(base(x))
 
 
 class Rescale(nn.Module):
@@ -259,6 +181,9 @@ class NoRescale(nn.Identity):
 class AdaptedLinear(nn.Module):
     """A frozen `nn.Linear` plus a delta and a re-scaling: `rescale(base(x) + ΔW x)`.
 
+    The delta computes the whole thing (`delta.linear`), so that a form which folds the
+    re-scaling into its matmul can do so.
+
     `merge()` folds both into `base_layer`'s weight and bias (in float32) and keeps the
     originals so `unmerge()` restores them bit for bit.
     """
@@ -279,7 +204,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        return self.rescale(self.delta.linear(x, self.base_layer, self.forward_mode))
+        return self.delta.linear(x, self.base_layer, self.rescale, self.forward_mode)
 
     def merged_weights(self) -> tuple[Tensor, Tensor | None]:
         """`W_m = diag(1 + s1)(W0 + ΔW)`, `b_m = (1 + s1) b0 + s2`, computed in float32."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from karst.config import (
+    ADAPTER_CONFIG_TYPES,
     AdapterConfig,
     FullFinetuneConfig,
     KarstConfig,
@@ -42,11 +43,15 @@ class Target:
     has_bias: bool
 
 
-def classifier_head(model: nn.Module) -> nn.Module | None:
-    """The head through timm's interface (`get_classifier`); None for other models."""
+def classifier_heads(model: nn.Module) -> list[nn.Module]:
+    """The head(s) through timm's interface (`get_classifier`; distilled DeiT has two).
+
+    Empty for models without that interface: all of their parameters count as backbone.
+    """
     get_classifier = getattr(model, "get_classifier", None)
-    head = get_classifier() if callable(get_classifier) else None
-    return head if isinstance(head, nn.Module) else None
+    heads = get_classifier() if callable(get_classifier) else ()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    return [h for h in heads if isinstance(h, nn.Module)]
 
 
 def _divisors(n: int) -> list[int]:
@@ -66,8 +71,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[Target]:
     patterns = getattr(config, "targets", ())
     if not patterns:
         return []
-    head = classifier_head(model)
-    head_names = {n for n, m in model.named_modules() if head is not None and m is head}
+    heads = classifier_heads(model)
+    head_names = {n for n, m in model.named_modules() if any(m is h for h in heads)}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets: dict[str, Target] = {}
     for pattern in patterns:
@@ -86,7 +91,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[Target]:
             layer = linears[name]
             targets[name] = Target(name, layer.out_features, layer.in_features,
                                    layer.bias is not None)
-    found = sorted(targets.values(), key=lambda t: list(linears).index(t.name))
+    order = {name: i for i, name in enumerate(linears)}
+    found = sorted(targets.values(), key=lambda t: order[t.name])
     _check_shapes(found, config)
     return found
 
@@ -133,8 +139,7 @@ def _is_adapted(model: nn.Module) -> bool:
 
 
 def _head_parameter_ids(model: nn.Module) -> set[int]:
-    head = classifier_head(model)
-    return {id(p) for p in head.parameters()} if head is not None else set()
+    return {id(p) for head in classifier_heads(model) for p in head.parameters()}
 
 
 def param_count(model: nn.Module, config: AdapterConfig) -> int:
@@ -167,15 +172,13 @@ def apply_karst(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     Works in place and returns `model`. Every method of `karst.config` goes through here.
     """
-    if not isinstance(config, (KarstConfig, LoraConfig, RescaleConfig, LinearProbeConfig,
-                               FullFinetuneConfig)):
+    if not isinstance(config, ADAPTER_CONFIG_TYPES):
         raise TypeError(f"config must be an adapter config from karst.config, got {config!r}.")
     targets = find_targets(model, config)
     full = isinstance(config, FullFinetuneConfig)
     for p in model.parameters():
         p.requires_grad_(full)
-    head = classifier_head(model)
-    if head is not None:
+    for head in classifier_heads(model):
         head.requires_grad_(True)
     for t in targets:
         parent_name, _, child = t.name.rpartition(".")

@@ -33,7 +33,7 @@ def demo(
     from karst import KarstConfig, apply_karst, merge_karst, param_count, save_adapter
     from karst import trainable_parameters as count_trainable
     from pipeline.data import digits_task
-    from pipeline.train import accuracy, fit
+    from pipeline.train import Schedule, accuracy, fit
 
     task = digits_task(img_size=8)
     config = KarstConfig(num_kernels=4, factor=4, rank=4, alpha=8.0, init="kaiming")
@@ -62,7 +62,7 @@ def demo(
                           f"{report.val_accuracy:.1%}", f"{report.epoch_seconds:.2f}")
             progress.advance(bar)
 
-        fit(model, task.train, task.val, epochs=epochs, lr=1e-2, on_epoch=on_epoch)
+        fit(model, task.train, task.val, Schedule(epochs=epochs, lr=1e-2), on_epoch=on_epoch)
     console.print(table)
     adapted_test = accuracy(model, task.test)
     path = save_adapter(model, out / "digits-karst.safetensors")

@@ -6,7 +6,7 @@ import torch
 
 from karst import KarstConfig, LinearProbeConfig, apply_karst, merge_karst
 from pipeline.data import digits_task
-from pipeline.train import accuracy, fit
+from pipeline.train import Schedule, accuracy, fit
 
 
 def fine_tune(config, task, epochs=12):
@@ -15,7 +15,7 @@ def fine_tune(config, task, epochs=12):
                               in_chans=1, embed_dim=48, depth=2, num_heads=3, num_classes=10,
                               global_pool="avg")
     apply_karst(model, config)
-    reports = fit(model, task.train, task.val, epochs=epochs, lr=1e-2, batch_size=32)
+    reports = fit(model, task.train, task.val, Schedule(epochs=epochs, lr=1e-2, batch_size=32))
     return model, reports
 
 

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from karst import AdaptedLinear, KroneckerDelta, Rescale, kronecker_delta
-from karst.layer import LowRankDelta, _DenseKroneckerLinear
+from karst.functional import dense_kronecker_linear
+from karst.layer import LowRankDelta
 
 
 def random_kernels(n=3, factor=(2, 4), d_out=12, d_in=16, rank=2, dtype=torch.float64):
@@ -26,14 +27,43 @@ def test_factored_forward_equals_delta_times_x():
     torch.testing.assert_close(delta(x), x @ delta.delta_weight().t(), atol=1e-5, rtol=1e-5)
 
 
-def test_dense_form_gradients_match_numerical_ones():
+RESCALE_CASES = {  # s1, s2 of each re-scaling, and s1 = -1 where h can't be recovered from y
+    "none": (None, None, True),
+    "channel": ("channel", "channel", True),
+    "scalar": ("scalar", "scalar", True),
+    "channel-no-bias": ("channel", None, False),
+    "channel-zero-gain": ("zero-gain", "channel", True),
+}
+
+
+def rescale_tensor(kind):
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(5)
+    shape = (1,) if kind == "scalar" else (12,)
+    t = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3
+    if kind == "zero-gain":
+        t[3] = -1.0
+    return t.requires_grad_()
+
+
+@pytest.mark.parametrize("case", list(RESCALE_CASES))
+def test_dense_form_gradients_match_numerical_ones(case):
+    s1_kind, s2_kind, has_bias = RESCALE_CASES[case]
     C, A, B = random_kernels()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda *t: _DenseKroneckerLinear.apply(*t, 0.3), (x, weight, bias, C, A, B)
-    )
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True) if has_bias else None
+    s1, s2 = rescale_tensor(s1_kind), rescale_tensor(s2_kind)
+    named = {"x": x, "weight": weight, "bias": bias, "C": C, "A": A, "B": B, "s1": s1, "s2": s2}
+    present = [name for name, t in named.items() if t is not None]
+
+    def layer(*tensors):
+        t = dict.fromkeys(named) | dict(zip(present, tensors))
+        return dense_kronecker_linear(t["x"], t["weight"], t["bias"], t["C"], t["A"], t["B"],
+                                      0.3, t["s1"], t["s2"])
+
+    assert torch.autograd.gradcheck(layer, [named[name] for name in present])
 
 
 def make_layer(mode: str, rescale: str = "channel", bias: bool = True) -> AdaptedLinear:
@@ -94,3 +124,25 @@ def test_lora_delta_matches_its_weight():
     nn.init.normal_(delta.B)
     x = torch.randn(5, 16)
     torch.testing.assert_close(delta(x), x @ delta.delta_weight().t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dense", "factored"])
+def test_half_precision_models_train_with_float32_adapters(mode):
+    layer = make_layer(mode)
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    out = layer(x)
+    out.float().sum().backward()
+    assert layer.delta.B.grad.dtype == torch.float32 and layer.delta.B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["dense", "factored"])
+def test_autocast_bfloat16_matches_float32(mode):
+    layer = make_layer(mode)
+    x = torch.randn(4, 16)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        out.float().sum().backward()
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+    assert layer.delta.A.grad.dtype == torch.float32

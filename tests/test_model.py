@@ -107,6 +107,19 @@ def test_only_adapters_and_head_train():
     assert not model.pos_embed.requires_grad
 
 
+def test_distilled_deit_keeps_both_heads_trainable(images):
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10,
+                              img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+    config = KarstConfig(factor=4, rank=2)
+    expected = param_count(model, config)
+    apply_karst(model, config)
+    assert trainable_parameters(model) == {"adapter": expected, "head": 2 * (64 * 10 + 10)}
+    model.eval()
+    randomise_adapters(model)
+    adapted = model(images)
+    torch.testing.assert_close(merge_karst(model)(images), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_any_model_with_linear_targets():
     model = nn.Sequential()
     model.add_module("fc1", nn.Linear(8, 16))
