@@ -21,10 +21,12 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/karst demo
+	$(VENV)/bin/karst train examples/train_karst.yaml
+	@echo "Browse the run: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/adapter_step.py
+	$(VENV)/bin/python bench/forward_rule.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,8 +17,8 @@ from karst.config import (
     lokr_config,
     make_config,
 )
-from karst.io import load_adapter, read_adapter_config, save_adapter
 from karst.functional import kronecker_delta
+from karst.io import load_adapter, read_adapter_config, save_adapter
 from karst.layer import AdaptedLinear, KroneckerDelta, LowRankDelta, Rescale
 from karst.model import (
     adapter_config,
@@ -42,6 +42,7 @@ __all__ = [
     "LoraConfig",
     "LowRankDelta",
     "Rescale",
+    "RescaleConfig",
     "adapter_config",
     "apply_karst",
     "classifier_heads",

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 RESCALE_MODES = ("channel", "scalar", "none")
 INIT_MODES = ("gaussian", "kaiming")
@@ -172,9 +172,9 @@ class FullFinetuneConfig(_ConfigIO):
 
 ADAPTER_CONFIG_TYPES = (KarstConfig, LoraConfig, RescaleConfig, LinearProbeConfig,
                         FullFinetuneConfig)
-AdapterConfig = Union[
-    KarstConfig, LoraConfig, RescaleConfig, LinearProbeConfig, FullFinetuneConfig
-]
+AdapterConfig = (
+    KarstConfig | LoraConfig | RescaleConfig | LinearProbeConfig | FullFinetuneConfig
+)
 
 
 def lokr_config(

@@ -17,7 +17,6 @@ from karst.config import (
     AdapterConfig,
     FullFinetuneConfig,
     KarstConfig,
-    LinearProbeConfig,
     LoraConfig,
     RescaleConfig,
 )

@@ -5,7 +5,8 @@ import timm
 import torch
 
 from karst import KarstConfig, LinearProbeConfig, apply_karst, merge_karst
-from pipeline.data import digits_task
+from pipeline.config import TaskConfig
+from pipeline.data import load_task
 from pipeline.train import Schedule, accuracy, fit
 
 
@@ -21,7 +22,7 @@ def fine_tune(config, task, epochs=12):
 
 @pytest.mark.slow
 def test_karst_fine_tune_on_digits_beats_chance_and_the_linear_probe():
-    task = digits_task(img_size=8)
+    task = load_task(TaskConfig(name="digits"), img_size=8, in_chans=1, mean=(0.5,), std=(0.5,))
     model, reports = fine_tune(
         KarstConfig(num_kernels=4, factor=4, rank=4, alpha=8.0, init="kaiming"), task
     )

@@ -59,7 +59,7 @@ def test_dense_form_gradients_match_numerical_ones(case):
     present = [name for name, t in named.items() if t is not None]
 
     def layer(*tensors):
-        t = dict.fromkeys(named) | dict(zip(present, tensors))
+        t = dict.fromkeys(named) | dict(zip(present, tensors, strict=True))
         return dense_kronecker_linear(t["x"], t["weight"], t["bias"], t["C"], t["A"], t["B"],
                                       0.3, t["s1"], t["s2"])
 

@@ -1,0 +1,70 @@
+"""MLflow logging of one trial: config as params, per-epoch metrics, result, adapter artifact.
+
+The tracking URI is MLflow's own business: `MLFLOW_TRACKING_URI` when set, else MLflow's
+default (`sqlite:///mlflow.db` in the working directory).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+import karst
+from pipeline.config import TrialConfig, flatten
+from pipeline.train import EpochReport
+from pipeline.trial import TrialResult
+
+#: MLflow refuses param values longer than this; longer ones are cut with a marker.
+_MAX_PARAM_CHARS = 6000
+
+
+def log_config(config: TrialConfig) -> None:
+    params = {k: (v if len(v) <= _MAX_PARAM_CHARS else v[:_MAX_PARAM_CHARS - 3] + "...")
+              for k, v in flatten(config).items()}
+    mlflow.log_params(params)
+
+
+def log_epoch(report: EpochReport) -> None:
+    mlflow.log_metrics({"train_loss": report.train_loss, "val_accuracy": report.val_accuracy,
+                        "epoch_seconds": report.epoch_seconds}, step=report.epoch)
+
+
+def log_result(result: TrialResult) -> None:
+    """Final metrics and the adapter file (trainable tensors + config, safetensors)."""
+    mlflow.log_metrics({"test_accuracy": result.test_accuracy, "params": result.params})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = karst.save_adapter(result.model, Path(tmp) / "adapter.safetensors")
+        mlflow.log_artifact(str(path))
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@contextmanager
+def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
+              experiment: str | None = None,
+              checkpoint_dir: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one `karst train`, tagged with the config file it came from.
+
+    With a `checkpoint_dir`, the run id is kept there, so a resumed fine-tune goes on
+    logging into the run it started instead of opening a second one.
+    """
+    if experiment:
+        mlflow.set_experiment(experiment)
+    id_file = checkpoint_dir / RUN_ID_FILE if checkpoint_dir else None
+    run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+        if id_file and not run_id:
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run.info.run_id)
+        if not run_id:
+            tags = {"karst.kind": "trial", "karst.method": config.adapter.method}
+            if source:
+                tags["karst.config_file"] = source
+            mlflow.set_tags(tags)
+            log_config(config)
+        yield run
