@@ -16,17 +16,21 @@ import time
 import torch
 from torch import Tensor, nn
 
-from karst.layer import AdaptedLinear, KroneckerDelta, NoRescale
+from karst.layer import AdaptedLinear, KroneckerDelta, NoRescale, Rescale
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}
 CONFIGS = [(8, 8, 8), (2, 8, 4), (4, 16, 2), (1, 4, 16)]  # (N, f, r)
 TOKENS = [16, 64, 256, 1024, 1576, 4096]
 
 
-def make_layer(d_out: int, d_in: int, n: int, f: int, r: int, mode: str) -> AdaptedLinear:
+def make_layer(d_out: int, d_in: int, config: tuple[int, int, int], mode: str,
+               rescale_mode: str) -> AdaptedLinear:
+    n, f, r = config
     base = nn.Linear(d_in, d_out).requires_grad_(False)
     delta = KroneckerDelta(d_out, d_in, num_kernels=n, factor=(f, f), rank=r, scale=1.0)
-    return AdaptedLinear(base, delta, NoRescale(), forward_mode=mode)
+    rescale = (NoRescale() if rescale_mode == "none"
+               else Rescale(d_out, mode=rescale_mode, has_bias=True))
+    return AdaptedLinear(base, delta, rescale, forward_mode=mode)
 
 
 def step_seconds(layer: AdaptedLinear, x: Tensor, train: bool) -> float:
@@ -40,12 +44,12 @@ def step_seconds(layer: AdaptedLinear, x: Tensor, train: bool) -> float:
 
 
 def dense_over_factored(d_out: int, d_in: int, config: tuple[int, int, int], tokens: int,
-                        train: bool, repeats: int) -> float:
+                        train: bool, args: argparse.Namespace) -> float:
     """Median time ratio dense / factored, the two forms interleaved so drift hits both."""
-    layers = [make_layer(d_out, d_in, *config, m) for m in ("dense", "factored")]
+    layers = [make_layer(d_out, d_in, config, m, args.rescale) for m in ("dense", "factored")]
     x = torch.randn(tokens, d_in, requires_grad=train)
     times: list[list[float]] = [[], []]
-    for i in range(repeats + 1):
+    for i in range(args.repeats + 1):
         for form, layer in enumerate(layers):
             seconds = step_seconds(layer, x, train)
             if i:
@@ -55,7 +59,7 @@ def dense_over_factored(d_out: int, d_in: int, config: tuple[int, int, int], tok
 
 def rule_picks_dense(d_out: int, d_in: int, config: tuple[int, int, int], tokens: int,
                      train: bool) -> bool:
-    delta = make_layer(d_out, d_in, *config, "auto").delta
+    delta = make_layer(d_out, d_in, config, "auto", "none").delta
     with torch.set_grad_enabled(train):
         return delta._dense_pays(torch.empty(tokens, d_in))
 
@@ -63,9 +67,12 @@ def rule_picks_dense(d_out: int, d_in: int, config: tuple[int, int, int], tokens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rescale", choices=("channel", "scalar", "none"), default="channel",
+                        help="re-scaling of the timed layers (KARST's default: channel)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "
+          f"rescale={args.rescale}")
     print("Time of the dense form / time of the factored form (< 1: dense is faster); "
           "* marks where the auto rule picks dense.\n")
     for train in (True, False):
@@ -74,7 +81,7 @@ def main() -> None:
         print("|---|---|" + "---|" * len(TOKENS))
         for name, (d_out, d_in) in SHAPES.items():
             for config in CONFIGS:
-                cells = [f"{dense_over_factored(d_out, d_in, config, t, train, args.repeats):.2f}"
+                cells = [f"{dense_over_factored(d_out, d_in, config, t, train, args):.2f}"
                          + ("*" if rule_picks_dense(d_out, d_in, config, t, train) else "")
                          for t in TOKENS]
                 print(f"| {name} {d_out}×{d_in} | {config} | " + " | ".join(cells) + " |")

@@ -16,14 +16,13 @@ from torch import Tensor, nn
 
 from karst.functional import dense_kronecker_linear, factored_delta, kronecker_delta
 
-#: The `"auto"` forward picks the dense form (ΔW folded into the frozen weight, one matmul)
-#: from this many tokens per call (batch × sequence), the factored form below it. Measured
-#: with `bench/forward_rule.py` on ViT-B/16 layer shapes, fp32 on CPU: dense is 1.5–3× slower
-#: at 16–64 tokens (it builds ΔW twice per step whatever the batch), even near 1 000–1 500
-#: tokens in training and 500–1 000 in inference, and 5–30 % faster at 4 096, with the
-#: crossover nearly independent of N, f, r and the layer's shape (docs/performance.md).
-DENSE_MIN_TOKENS_TRAIN = 1536
-DENSE_MIN_TOKENS_EVAL = 768
+#: The `"auto"` forward picks the dense form (ΔW and the re-scaling folded into the frozen
+#: weight, one matmul) from this many tokens per call (batch × sequence), the factored form
+#: below it. Measured with `bench/forward_rule.py` on ViT-B/16 layer shapes, fp32 CPU: dense
+#: is 1.5–4.7× slower at 16–256 tokens (it builds ΔW whatever the batch), even around
+#: 1 000, and 5–15 % faster from ~1 500 on, in training and inference alike, nearly
+#: independent of N, f, r and the layer's shape (docs/performance.md).
+DENSE_MIN_TOKENS = 1536
 
 
 def _init_(tensor: Tensor, fan_in: int, init: str) -> None:
@@ -85,7 +84,7 @@ class KroneckerDelta(nn.Module):
         return factored_delta(x, self.C, self.A, self.B, self.scale)
 
     def linear(self, x: Tensor, base: nn.Linear, rescale: nn.Module, mode: str) -> Tensor:
-        """`rescale((W0 + ΔW) x + b0)`, dense or factored (see `DENSE_MIN_TOKENS_TRAIN`)."""
+        """`rescale((W0 + ΔW) x + b0)`, dense or factored (see `DENSE_MIN_TOKENS`)."""
         if mode == "auto":
             mode = "dense" if self._dense_pays(x) else "factored"
         if mode == "dense":
@@ -95,9 +94,7 @@ class KroneckerDelta(nn.Module):
         return rescale(base(x) + self(x))
 
     def _dense_pays(self, x: Tensor) -> bool:
-        training = torch.is_grad_enabled() and self.B.requires_grad
-        threshold = DENSE_MIN_TOKENS_TRAIN if training else DENSE_MIN_TOKENS_EVAL
-        return x.numel() // x.shape[-1] >= threshold
+        return x.numel() // x.shape[-1] >= DENSE_MIN_TOKENS
 
 
 class LowRankDelta(nn.Module):
