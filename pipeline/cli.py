@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,6 +21,10 @@ console = Console()
 def main() -> None:
     """karst-search: multi-kernel Kronecker adapters, searched and shipped."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logger = logging.getLogger("pipeline")  # e.g. the keys a checkpoint left out
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
+        logger.setLevel(logging.INFO)
 
 
 def _fail(message: str) -> typer.Exit:
