@@ -87,6 +87,14 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
     return model
 
 
+def create_model_skeleton(config: BackboneConfig) -> nn.Module:
+    """The architecture alone, on the `meta` device: layer shapes for counting and checking
+    adapter configs (a search space's dry run, its samples) without allocating weights."""
+    name = _check_name(config.name)
+    with torch.device("meta"):
+        return _build(name, False, dict(config.kwargs))
+
+
 def _check_name(name: str) -> str:
     """Fail on a misspelt model name with the closest timm names, not timm's bare error."""
     if name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):

@@ -109,17 +109,23 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message lists every problem."""
 
 
-def load_trial_config(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
-    """Read a YAML trial config and apply `key.sub=value` overrides (values parsed as YAML)."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping, or a `ConfigError` saying what is wrong with it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_trial_config(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
+    """Read a YAML trial config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    data = read_yaml_mapping(path)
     for override in overrides:
         apply_override(data, override)
     return validate_trial_config(data, source=str(path))
@@ -139,13 +145,18 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. optim.lr=3e-3")
-    *parents, leaf = key.strip().split(".")
+    apply_value(data, key.strip(), yaml.safe_load(raw))
+
+
+def apply_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` (`optim.lr`) in nested `data`, creating sections as needed."""
+    *parents, leaf = key.split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+    node[leaf] = value
 
 
 def flatten(config: BaseModel) -> dict[str, str]:
