@@ -1,0 +1,185 @@
+"""Two-objective search: Optuna proposes, Ray Tune runs, MLflow records, the front is kept.
+
+Ray Tune's `OptunaSearch` gets both objectives (`val_accuracy` max, `params` min) and
+nothing else does: setting metric/mode on `TuneConfig` too would silently make the study
+single-objective (DESIGN.md §4). `_TwoObjectiveSearch` adds what the plain searcher lacks:
+a sample outside the parameter budget is refused before any worker starts, and a trial
+that did not train to its full budget is told to Optuna as pruned, never as a finished
+trial with a truncated score.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from pipeline import tracking
+from pipeline.config import TrialConfig
+from pipeline.front import (
+    COMPLETE,
+    FAILED,
+    STOPPED,
+    TrialPoint,
+    default_reference,
+    draw_front,
+    hypervolume_history,
+    pareto_front,
+    plot_data,
+    write_front,
+)
+from pipeline.space import OutOfBudget, SearchSpace, SpaceSampler
+from pipeline.trial import default_device, prepare_trial, run_trial
+
+OBJECTIVES = (["val_accuracy", "params"], ["max", "min"])
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
+}
+_MAX_DRAWS = 1000  # out-of-budget samples refused in a row before giving up
+
+
+class _TwoObjectiveSearch(OptunaSearch):
+    def __init__(self, sampler: SpaceSampler, optuna_sampler: optuna.samplers.BaseSampler):
+        self._space_sampler = sampler
+        metric, mode = OBJECTIVES
+        super().__init__(space=self._define, metric=metric, mode=mode, sampler=optuna_sampler)
+
+    def _define(self, trial: Any) -> dict[str, Any]:
+        config = self._space_sampler.suggest(trial)
+        return {"trial_config": config.model_dump(mode="json"), "trial_number": trial.number}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for _ in range(_MAX_DRAWS):
+            try:
+                return super().suggest(trial_id)
+            except OutOfBudget:
+                refused = self._ot_trials.pop(trial_id)
+                self._ot_study.tell(refused, state=optuna.trial.TrialState.PRUNED)
+        raise RuntimeError(f"{_MAX_DRAWS} samples in a row fell outside the budget; widen it")
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result is not None and not result.get("full_budget"):
+            result = None  # stopped early or failed: PRUNED (or FAIL), never COMPLETE
+        super().on_trial_complete(trial_id, result, error)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    name: str
+    parent_run_id: str
+    points: list[TrialPoint]
+    front: list[TrialPoint]
+    directions: list[str]
+
+
+def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: str,
+                 search: str) -> None:
+    """One trial on a Ray worker: its own MLflow child run, one report per epoch."""
+    trial_config = TrialConfig.model_validate(config["trial_config"])
+    number = config["trial_number"]
+    mlflow.set_tracking_uri(tracking_uri)
+    tags = {"karst.kind": "trial", "karst.search": search, "karst.trial_number": str(number),
+            "mlflow.parentRunId": parent_run_id}
+    with mlflow.start_run(run_name=f"{search}-trial-{number:04d}", tags=tags):
+        tracking.log_config(trial_config)
+        prepared = prepare_trial(trial_config, default_device())
+
+        def on_epoch(report) -> None:  # noqa: ANN001
+            tracking.log_epoch(report)
+            tune.report({"epoch": report.epoch, "val_accuracy": report.val_accuracy,
+                         "train_loss": report.train_loss, "params": prepared.params,
+                         "full_budget": False})
+
+        result = run_trial(trial_config, prepared=prepared, on_epoch=on_epoch)
+        tracking.log_result(result)
+        mlflow.set_tag("karst.state", COMPLETE)
+        last = result.reports[-1]
+        tune.report({"epoch": last.epoch, "val_accuracy": last.val_accuracy,
+                     "train_loss": last.train_loss, "params": result.params,
+                     "test_accuracy": result.test_accuracy, "full_budget": True})
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = "",
+               sampler: str = "tpe", seed: int = 0, max_concurrent: int = 2,
+               cpus_per_trial: float = 1, gpus_per_trial: float = 0,
+               storage: Path | None = None) -> SearchResult:
+    """Run `trials` trials on the current Ray cluster; one MLflow parent run holds them."""
+    space_sampler = SpaceSampler(space)
+    searcher = _TwoObjectiveSearch(space_sampler, SAMPLERS[sampler](seed))
+    with mlflow.start_run(run_name=name, tags={"karst.kind": "search",
+                                               "karst.search": name}) as parent:
+        mlflow.log_params({"space_file": space_file, "sampler": sampler, "seed": seed,
+                           "trials": trials, "max_concurrent": max_concurrent,
+                           "budget": json.dumps(space.budget.model_dump()),
+                           "git_commit": git_commit()})
+        trainable = tune.with_parameters(_train_trial, parent_run_id=parent.info.run_id,
+                                         tracking_uri=mlflow.get_tracking_uri(), search=name)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                num_samples=trials),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage) if storage else None,
+                                      verbose=0),
+        )
+        grid = tuner.fit()
+        points = [_point(r) for r in grid]
+        front = pareto_front(points)
+        _log_front(points, front, name)
+    directions = [d.name for d in searcher.study.directions]
+    return SearchResult(name, parent.info.run_id, points, front, directions)
+
+
+def _point(result: Any) -> TrialPoint:
+    metrics = result.metrics or {}
+    state = (FAILED if result.error else COMPLETE if metrics.get("full_budget") else STOPPED)
+    config = result.config or {}
+    return TrialPoint(trial=int(config.get("trial_number", -1)),
+                      val_accuracy=float(metrics.get("val_accuracy", 0.0)),
+                      params=int(metrics.get("params", 0)), state=state,
+                      test_accuracy=metrics.get("test_accuracy"),
+                      config=config.get("trial_config", {}))
+
+
+def _log_front(points: list[TrialPoint], front: list[TrialPoint], name: str) -> None:
+    """The front's CSV/JSON, the Pareto plot and the hypervolume history, on the parent."""
+    finished = sorted(points, key=lambda p: p.trial)
+    reference = default_reference(max((p.params for p in points), default=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        write_front(front, directory)
+        draw_front(plot_data(points), directory / "pareto_front.png", title=name)
+        history = hypervolume_history(finished, reference)
+        (directory / "hypervolume.json").write_text(json.dumps(
+            {"reference": reference._asdict(), "space": "(val_accuracy, log10 params)",
+             "history": history}, indent=2))
+        mlflow.log_artifacts(str(directory))
+    if history:
+        mlflow.log_metric("hypervolume", history[-1])
