@@ -20,9 +20,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
+# A two-objective search over search_spaces/demo.yaml (8 trials, ~4 min on 2 cores),
+# then its Pareto front read back from MLflow, then how to browse it.
+DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(VENV)/bin/karst train examples/train_karst.yaml
-	@echo "Browse the run: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
+	$(VENV)/bin/karst search search_spaces/demo.yaml --trials 8 --name $(DEMO_NAME)
+	$(VENV)/bin/karst front $(DEMO_NAME)
+	@echo "Browse it: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/adapter_step.py

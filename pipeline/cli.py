@@ -128,3 +128,133 @@ def pretrain(
                   f"{result.seconds / 60:.1f} min of training")
     console.print(f"[bold]Weights saved[/] {result.path} "
                   f"({result.path.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command()
+def search(
+    space_file: Path = typer.Argument(..., metavar="SPACE.yaml", help="Search space."),
+    trials: int = typer.Option(8, min=1, help="Trials to run."),
+    name: str | None = typer.Option(None, help="Search name (default: the space file's name)."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster to run on ('auto', 'ray://host:10001'); default: RAY_ADDRESS, "
+                   "else a local Ray."),
+    sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2, random or gp."),
+    seed: int = typer.Option(0, help="Sampler seed."),
+    max_concurrent: int = typer.Option(2, min=1, help="Trials running at once."),
+    cpus_per_trial: float = typer.Option(1.0, min=0.0),
+    gpus_per_trial: float = typer.Option(0.0, min=0.0, help="Fractions pack trials per GPU."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and describe; run nothing."),
+) -> None:
+    """Search SPACE.yaml for the configurations no other beats on accuracy and size."""
+    from pipeline.config import ConfigError
+    from pipeline.search import SAMPLERS
+    from pipeline.space import SpaceSampler, load_space
+    from pipeline.space import dry_run as describe
+
+    if sampler not in SAMPLERS:
+        raise _fail(f"--sampler {sampler!r} is not valid; choose one of {list(SAMPLERS)}")
+    try:
+        space = load_space(space_file)
+        report = describe(SpaceSampler(space), seed=seed)
+    except (ConfigError, ValueError) as err:
+        raise _fail(str(err)) from None
+    _print_dry_run(report)
+    if dry_run:
+        return
+    _connect_ray(address)
+    _run_and_show(space, space_file, name or space_file.stem, trials, sampler, seed,
+                  max_concurrent, cpus_per_trial, gpus_per_trial)
+
+
+def _print_dry_run(report) -> None:  # noqa: ANN001
+    continuous = f" × continuous {report.continuous}" if report.continuous else ""
+    console.print(f"[bold]{report.valid:,}[/] valid configurations of {report.combinations:,} "
+                  f"discrete combinations{continuous}; adapter params "
+                  f"{report.params_min:,} … {report.params_max:,}")
+    console.print(f"[bold]Sample[/] {report.sample.adapter}, lr {report.sample.optim.lr:.2g}")
+
+
+def _connect_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}})
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise _fail(f"--address {address!r}: cannot reach the Ray cluster ({err}); check "
+                    "`ray status` on the head node, or leave --address out for a local Ray"
+                    ) from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a dead `host:port`: Ray itself retries for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise _fail(f"--address {address!r}: nothing answers there ({err}); start the cluster "
+                    "(`ray up ray_cluster.yaml`) or fix the address (host:port, ray://host:port,"
+                    " or auto)") from None
+
+
+def _run_and_show(space, space_file: Path, name: str, trials: int,  # noqa: ANN001
+                  sampler: str, seed: int, max_concurrent: int, cpus: float,
+                  gpus: float) -> None:
+    import mlflow
+
+    from pipeline.search import run_search
+
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    with console.status(f"searching: {trials} trials, {max_concurrent} at a time"):
+        result = run_search(space, name=name, trials=trials, space_file=str(space_file),
+                            sampler=sampler, seed=seed, max_concurrent=max_concurrent,
+                            cpus_per_trial=cpus, gpus_per_trial=gpus)
+    states = {s: sum(p.state == s for p in result.points) for s in ("complete", "stopped",
+                                                                    "failed")}
+    console.print(f"[bold]{name}[/]: {states}")
+    _front_table(result.front)
+    console.print(f"MLflow parent run {result.parent_run_id} in {mlflow.get_tracking_uri()}; "
+                  "browse: mlflow ui --backend-store-uri " + mlflow.get_tracking_uri())
+
+
+def _front_table(front) -> None:  # noqa: ANN001
+    table = Table("trial", "adapter params", "val acc", "test acc", "adapter", "lr",
+                  title="Pareto front (val accuracy ↑, params ↓)")
+    for p in front:
+        test = "–" if p.test_accuracy is None else f"{p.test_accuracy:.1%}"
+        lr = p.config.get("optim", {}).get("lr")
+        table.add_row(str(p.trial), f"{p.params:,}", f"{p.val_accuracy:.1%}", test,
+                      _adapter_summary(p.config.get("adapter", {})),
+                      "–" if lr is None else f"{lr:.2g}")
+    console.print(table)
+
+
+def _adapter_summary(adapter: dict) -> str:
+    """`karst N4 f8x8 r2 channel α8`: the fields that vary in a search, in one short cell."""
+    short = {"num_kernels": "N", "factor": "f", "rank": "r", "alpha": "α"}
+    parts = [adapter.get("method", "?")]
+    for key, prefix in short.items():
+        if key in adapter:
+            value = adapter[key]
+            value = "x".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+            parts.append(f"{prefix}{value}")
+    if adapter.get("rescale"):
+        parts.append(adapter["rescale"])
+    return " ".join(parts)
+
+
+@app.command()
+def front(name: str = typer.Argument(..., help="Search name.")) -> None:
+    """Print a search's Pareto front, read back from MLflow."""
+    from pipeline.search import load_front
+
+    try:
+        points = load_front(name)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    _front_table(points)

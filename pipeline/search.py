@@ -183,3 +183,30 @@ def _log_front(points: list[TrialPoint], front: list[TrialPoint], name: str) -> 
         mlflow.log_artifacts(str(directory))
     if history:
         mlflow.log_metric("hypervolume", history[-1])
+
+
+def find_search_run(name: str) -> Any:
+    """The MLflow parent run of search `name`; `ValueError` listing the known ones if none."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`karst.kind` = 'search'")
+    matches = [r for r in runs if r.data.tags.get("karst.search") == name]
+    if not matches:
+        known = sorted({r.data.tags.get("karst.search", "?") for r in runs})
+        raise ValueError(f"no search named {name!r} in {mlflow.get_tracking_uri()}; "
+                         f"known searches: {known or 'none'}")
+    return max(matches, key=lambda r: r.info.start_time)
+
+
+def load_front(name: str) -> list[TrialPoint]:
+    """The front a finished search logged (`pareto_front.json` on its parent run)."""
+    run = find_search_run(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                       artifact_path="pareto_front.json",
+                                                       dst_path=tmp)
+        except Exception as err:  # MLflow raises several types for a missing artifact
+            raise ValueError(f"search {name!r} has no pareto_front.json yet (still running, "
+                             f"or interrupted: resume it): {err}") from None
+        rows = json.loads(Path(path).read_text())
+    return [TrialPoint(**row) for row in rows]

@@ -5,6 +5,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from typer.testing import CliRunner
+
+from pipeline.cli import app
 from pipeline.search import run_search
 from pipeline.space import load_space
 
@@ -23,7 +26,7 @@ search:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
@@ -31,11 +34,18 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
-def test_search_logs_parent_children_and_a_front(local_ray, tmp_path, monkeypatch):
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_search_logs_parent_children_and_a_front(local_ray, tracking, tmp_path):
+    uri = tracking
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE)
     result = run_search(load_space(space_file), name="tiny", trials=4, space_file=str(space_file),
@@ -51,3 +61,43 @@ def test_search_logs_parent_children_and_a_front(local_ray, tmp_path, monkeypatc
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"pareto_front.csv", "pareto_front.json", "pareto_front.png",
             "hypervolume.json"} <= artifacts
+
+    shown = CliRunner().invoke(app, ["front", "tiny"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    for p in result.front:
+        assert f"{p.params:,}" in shown.output
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_dry_run_describes_the_space_and_starts_nothing(tmp_path):
+    result = run_cli("search", "search_spaces/demo.yaml", "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "190 valid configurations of 240 discrete combinations" in text
+    assert "adapter params 1,792 … 98,848" in text
+    assert not ray.is_initialized()
+
+
+BAD_CLI = [
+    (["--sampler", "cmaes"], r"--sampler 'cmaes' is not valid; choose one of"),
+    (["--address", "127.0.0.1:9"], r"--address '127.0.0.1:9': nothing answers there"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_CLI)
+def test_bad_options_fail_before_any_cluster_work(args, message):
+    import re
+
+    result = run_cli("search", "search_spaces/demo.yaml", *args)
+    assert result.exit_code == 2
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert not ray.is_initialized()
+
+
+def test_front_of_an_unknown_search_names_the_known_ones(tracking):
+    result = run_cli("front", "nope")
+    assert result.exit_code == 2
+    assert "no search named 'nope'" in result.output
