@@ -4,7 +4,6 @@ import mlflow
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
-
 from typer.testing import CliRunner
 
 from pipeline.cli import app
