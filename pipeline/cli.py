@@ -140,9 +140,6 @@ def search(
                    "else a local Ray."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2, random or gp."),
     seed: int = typer.Option(0, help="Sampler seed."),
-    max_concurrent: int = typer.Option(2, min=1, help="Trials running at once."),
-    cpus_per_trial: float = typer.Option(1.0, min=0.0),
-    gpus_per_trial: float = typer.Option(0.0, min=0.0, help="Fractions pack trials per GPU."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and describe; run nothing."),
 ) -> None:
     """Search SPACE.yaml for the configurations no other beats on accuracy and size."""
@@ -162,8 +159,7 @@ def search(
     if dry_run:
         return
     _connect_ray(address)
-    _run_and_show(space, space_file, name or space_file.stem, trials, sampler, seed,
-                  max_concurrent, cpus_per_trial, gpus_per_trial)
+    _run_and_show(space, space_file, name or space_file.stem, trials, sampler, seed)
 
 
 def _print_dry_run(report) -> None:  # noqa: ANN001
@@ -203,17 +199,15 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _run_and_show(space, space_file: Path, name: str, trials: int,  # noqa: ANN001
-                  sampler: str, seed: int, max_concurrent: int, cpus: float,
-                  gpus: float) -> None:
+                  sampler: str, seed: int) -> None:
     import mlflow
 
     from pipeline.search import run_search
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    with console.status(f"searching: {trials} trials, {max_concurrent} at a time"):
+    with console.status(f"searching: {trials} trials, {space.max_concurrent} at a time"):
         result = run_search(space, name=name, trials=trials, space_file=str(space_file),
-                            sampler=sampler, seed=seed, max_concurrent=max_concurrent,
-                            cpus_per_trial=cpus, gpus_per_trial=gpus)
+                            sampler=sampler, seed=seed)
     states = {s: sum(p.state == s for p in result.points) for s in ("complete", "stopped",
                                                                     "failed")}
     console.print(f"[bold]{name}[/]: {states}")

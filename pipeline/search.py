@@ -39,6 +39,7 @@ from pipeline.front import (
     write_front,
 )
 from pipeline.space import OutOfBudget, SearchSpace, SpaceSampler
+from pipeline.stopping import make_scheduler
 from pipeline.trial import default_device, prepare_trial, run_trial
 
 OBJECTIVES = (["val_accuracy", "params"], ["max", "min"])
@@ -87,7 +88,8 @@ class SearchResult:
     parent_run_id: str
     points: list[TrialPoint]
     front: list[TrialPoint]
-    directions: list[str]
+    directions: list[str]  # the Optuna study's, e.g. ["MAXIMIZE", "MINIMIZE"]
+    optuna_states: dict[int, str]  # Optuna trial number → COMPLETE / PRUNED / FAIL
 
 
 def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: str,
@@ -98,7 +100,7 @@ def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: st
     mlflow.set_tracking_uri(tracking_uri)
     tags = {"karst.kind": "trial", "karst.search": search, "karst.trial_number": str(number),
             "mlflow.parentRunId": parent_run_id}
-    with mlflow.start_run(run_name=f"{search}-trial-{number:04d}", tags=tags):
+    with mlflow.start_run(run_name=f"{search}-trial-{number:04d}", tags=tags) as run:
         tracking.log_config(trial_config)
         prepared = prepare_trial(trial_config, default_device())
 
@@ -106,7 +108,7 @@ def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: st
             tracking.log_epoch(report)
             tune.report({"epoch": report.epoch, "val_accuracy": report.val_accuracy,
                          "train_loss": report.train_loss, "params": prepared.params,
-                         "full_budget": False})
+                         "full_budget": False, "mlflow_run_id": run.info.run_id})
 
         result = run_trial(trial_config, prepared=prepared, on_epoch=on_epoch)
         tracking.log_result(result)
@@ -114,7 +116,8 @@ def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: st
         last = result.reports[-1]
         tune.report({"epoch": last.epoch, "val_accuracy": last.val_accuracy,
                      "train_loss": last.train_loss, "params": result.params,
-                     "test_accuracy": result.test_accuracy, "full_budget": True})
+                     "test_accuracy": result.test_accuracy, "full_budget": True,
+                     "mlflow_run_id": run.info.run_id})
 
 
 def git_commit() -> str:
@@ -127,34 +130,42 @@ def git_commit() -> str:
 
 
 def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = "",
-               sampler: str = "tpe", seed: int = 0, max_concurrent: int = 2,
-               cpus_per_trial: float = 1, gpus_per_trial: float = 0,
+               sampler: str = "tpe", seed: int = 0,
                storage: Path | None = None) -> SearchResult:
-    """Run `trials` trials on the current Ray cluster; one MLflow parent run holds them."""
+    """Run `trials` trials on the current Ray cluster; one MLflow parent run holds them.
+
+    Resources per trial, the concurrency limit and early stopping come from the space.
+    """
     space_sampler = SpaceSampler(space)
     searcher = _TwoObjectiveSearch(space_sampler, SAMPLERS[sampler](seed))
+    max_concurrent = space.max_concurrent
     with mlflow.start_run(run_name=name, tags={"karst.kind": "search",
                                                "karst.search": name}) as parent:
         mlflow.log_params({"space_file": space_file, "sampler": sampler, "seed": seed,
                            "trials": trials, "max_concurrent": max_concurrent,
                            "budget": json.dumps(space.budget.model_dump()),
+                           "early_stopping": json.dumps(space.early_stopping.model_dump()),
                            "git_commit": git_commit()})
         trainable = tune.with_parameters(_train_trial, parent_run_id=parent.info.run_id,
                                          tracking_uri=mlflow.get_tracking_uri(), search=name)
+        scheduler = make_scheduler(space.early_stopping, space_sampler.base.epochs)
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
-            tune_config=tune.TuneConfig(
+            tune.with_resources(trainable, space.resources.model_dump()),
+            tune_config=tune.TuneConfig(  # no metric/mode here: it would drop an objective
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                num_samples=trials),
+                scheduler=scheduler, num_samples=trials),
             run_config=tune.RunConfig(name=name, storage_path=str(storage) if storage else None,
                                       verbose=0),
         )
         grid = tuner.fit()
         points = [_point(r) for r in grid]
+        _close_unfinished_runs(grid)
         front = pareto_front(points)
         _log_front(points, front, name)
-    directions = [d.name for d in searcher.study.directions]
-    return SearchResult(name, parent.info.run_id, points, front, directions)
+    study = searcher.study
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    return SearchResult(name, parent.info.run_id, points, front,
+                        [d.name for d in study.directions], states)
 
 
 def _point(result: Any) -> TrialPoint:
@@ -166,6 +177,20 @@ def _point(result: Any) -> TrialPoint:
                       params=int(metrics.get("params", 0)), state=state,
                       test_accuracy=metrics.get("test_accuracy"),
                       config=config.get("trial_config", {}))
+
+
+def _close_unfinished_runs(grid: Any) -> None:
+    """A trial Ray stopped or that crashed never closed its MLflow run: record why, end it."""
+    client = mlflow.MlflowClient()
+    for result in grid:
+        run_id = (result.metrics or {}).get("mlflow_run_id")
+        if not run_id or (result.metrics or {}).get("full_budget"):
+            continue
+        state, status = (FAILED, "FAILED") if result.error else (STOPPED, "KILLED")
+        client.set_tag(run_id, "karst.state", state)
+        if result.error:
+            client.set_tag(run_id, "karst.error", str(result.error)[:5000])
+        client.set_terminated(run_id, status=status)
 
 
 def _log_front(points: list[TrialPoint], front: list[TrialPoint], name: str) -> None:

@@ -86,12 +86,39 @@ class Budget(_Section):
                 and (self.max_params is None or params <= self.max_params))
 
 
+class EarlyStopping(_Section):
+    """The `early_stopping:` section of a search space."""
+
+    mode: Literal["pareto", "asha", "none"] = "pareto"
+    grace_epochs: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    epsilon: float = Field(0.0, ge=0.0, le=1.0)
+
+    def rungs(self, epochs: int) -> list[int]:
+        """Epochs where trials are compared: grace, grace·η, ... below the full budget."""
+        rungs, rung = [], self.grace_epochs
+        while rung < epochs:
+            rungs.append(rung)
+            rung *= self.reduction_factor
+        return rungs
+
+
+class Resources(_Section):
+    """What one trial asks of a node; fractional GPUs pack several trials on one GPU."""
+
+    cpu: float = Field(1.0, ge=0)
+    gpu: float = Field(0.0, ge=0)
+
+
 class SearchSpace(_Section):
     """A `search_spaces/*.yaml` file; every key is checked, unknown ones are errors."""
 
     trial: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Dimension] = Field(default_factory=dict)
     budget: Budget = Budget()
+    resources: Resources = Resources()
+    max_concurrent: int = Field(2, ge=1)
+    early_stopping: EarlyStopping = EarlyStopping()
 
 
 class OutOfBudget(ValueError):

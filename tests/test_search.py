@@ -22,6 +22,7 @@ search:
   adapter.factor: {type: categorical, choices: [4, 32]}
   adapter.rank: {type: categorical, choices: [1, 2]}
   optim.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+early_stopping: {mode: none}
 """
 
 
@@ -48,7 +49,7 @@ def test_search_logs_parent_children_and_a_front(local_ray, tracking, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE)
     result = run_search(load_space(space_file), name="tiny", trials=4, space_file=str(space_file),
-                        seed=0, max_concurrent=2, storage=tmp_path / "ray")
+                        seed=0, storage=tmp_path / "ray")
 
     assert result.directions == ["MAXIMIZE", "MINIMIZE"]
     assert len(result.points) == 4 and all(p.state == "complete" for p in result.points)
