@@ -46,3 +46,16 @@ def _deterministic() -> None:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(42))
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A fresh MLflow SQLite store for one test, for this process and the ones it starts."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)

@@ -2,7 +2,6 @@
 
 import re
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -19,22 +18,13 @@ batch_size: 50
 """
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
-
-
 def run_cli(*args):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.mark.slow
 def test_train_logs_one_complete_run_and_resumes_into_it(tracking, tmp_path):
+    client = MlflowClient(tracking)
     path = tmp_path / "tiny.yaml"
     path.write_text(CONFIG)
     ckpt = tmp_path / "ckpt"
@@ -42,7 +32,7 @@ def test_train_logs_one_complete_run_and_resumes_into_it(tracking, tmp_path):
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output
 
-    runs = tracking.search_runs(experiment_ids=["0"])
+    runs = client.search_runs(experiment_ids=["0"])
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "tiny"
@@ -52,16 +42,16 @@ def test_train_logs_one_complete_run_and_resumes_into_it(tracking, tmp_path):
     assert run.data.metrics["params"] > 0
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
     for key in ("train_loss", "val_accuracy", "epoch_seconds"):
-        assert [m.step for m in tracking.get_metric_history(run.info.run_id, key)] == [1, 2]
-    artifacts = [a.path for a in tracking.list_artifacts(run.info.run_id)]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert artifacts == ["adapter.safetensors"]
 
     # the same command with more epochs resumes from the checkpoint into the same run
     again = run_cli("train", str(path), "--set", "seed=3", "--set", "epochs=3",
                     "--checkpoint-dir", str(ckpt))
     assert again.exit_code == 0, again.output
-    assert len(tracking.search_runs(experiment_ids=["0"])) == 1
-    history = tracking.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(client.search_runs(experiment_ids=["0"])) == 1
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
 
 
@@ -76,10 +66,11 @@ BAD = [
 
 @pytest.mark.parametrize(("text", "message"), BAD)
 def test_bad_input_fails_before_any_run_is_logged(tracking, tmp_path, text, message):
+    client = MlflowClient(tracking)
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     result = run_cli("train", str(path))
     assert result.exit_code == 2
     assert re.search(message, " ".join(result.output.split())), result.output
-    assert tracking.search_experiments()[0].name == "Default"
-    assert tracking.search_runs(experiment_ids=["0"]) == []
+    assert client.search_experiments()[0].name == "Default"
+    assert client.search_runs(experiment_ids=["0"]) == []

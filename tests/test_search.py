@@ -1,6 +1,5 @@
 """A real two-objective search: local Ray, a real Optuna study, a real MLflow store."""
 
-import mlflow
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -32,15 +31,6 @@ def local_ray():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow

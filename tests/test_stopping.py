@@ -1,6 +1,5 @@
 """Early stopping on both objectives: the rung rule, and a real search it prunes."""
 
-import mlflow
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -48,15 +47,6 @@ search:
 max_concurrent: 1
 early_stopping: {mode: pareto, grace_epochs: 1, reduction_factor: 3}
 """
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow
