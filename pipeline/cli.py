@@ -205,9 +205,21 @@ def _run_and_show(space, space_file: Path, name: str, trials: int,  # noqa: ANN0
     from pipeline.search import run_search
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    with console.status(f"searching: {trials} trials, {space.max_concurrent} at a time"):
+    with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("search", total=trials, status="starting Ray workers")
+
+        def on_progress(p) -> None:  # noqa: ANN001
+            best = max(p.front, key=lambda t: t.val_accuracy, default=None)
+            front = (f"front {len(p.front)}, best {best.val_accuracy:.1%} @ {best.params:,}"
+                     if best else "front –")
+            bar.update(task, completed=p.finished,
+                       status=f"running {p.running} · done {p.complete} · stopped {p.stopped}"
+                              f" · failed {p.failed} · {front}")
+
         result = run_search(space, name=name, trials=trials, space_file=str(space_file),
-                            sampler=sampler, seed=seed)
+                            sampler=sampler, seed=seed, on_progress=on_progress)
     states = {s: sum(p.state == s for p in result.points) for s in ("complete", "stopped",
                                                                     "failed")}
     console.print(f"[bold]{name}[/]: {states}")

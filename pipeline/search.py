@@ -14,7 +14,7 @@ import json
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,63 @@ class _TwoObjectiveSearch(OptunaSearch):
         return self._ot_study
 
 
+@dataclass
+class SearchProgress:
+    """A live snapshot for displays: trial counts by state and the front so far."""
+
+    total: int
+    running: int = 0
+    complete: int = 0
+    stopped: int = 0
+    failed: int = 0
+    front: list[TrialPoint] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.stopped + self.failed
+
+
+class _ProgressCallback(tune.Callback):
+    """Runs in the driver: turns Ray Tune's trial events into `SearchProgress` snapshots."""
+
+    def __init__(self, total: int, on_progress: Callable[[SearchProgress], None]) -> None:
+        self.progress = SearchProgress(total)
+        self.on_progress = on_progress
+        self.last: dict[str, dict] = {}
+        self.points: list[TrialPoint] = []
+
+    def __getstate__(self) -> dict:
+        """Ray pickles callbacks into its experiment state; a display cannot be pickled."""
+        return {**self.__dict__, "on_progress": lambda progress: None}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.progress.running += 1
+        self.on_progress(self.progress)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self.last[trial.trial_id] = result
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = self.last.get(trial.trial_id, {})
+        self.progress.running -= 1
+        if result.get("full_budget"):
+            self.progress.complete += 1
+            self.points.append(TrialPoint(trial=int(trial.config.get("trial_number", -1)),
+                                          val_accuracy=result["val_accuracy"],
+                                          params=int(result["params"]),
+                                          test_accuracy=result.get("test_accuracy")))
+            self.progress.front = pareto_front(self.points)
+        else:
+            self.progress.stopped += 1
+        self.on_progress(self.progress)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.progress.running -= 1
+        self.progress.failed += 1
+        self.on_progress(self.progress)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     name: str
@@ -130,8 +187,8 @@ def git_commit() -> str:
 
 
 def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = "",
-               sampler: str = "tpe", seed: int = 0,
-               storage: Path | None = None) -> SearchResult:
+               sampler: str = "tpe", seed: int = 0, storage: Path | None = None,
+               on_progress: Callable[[SearchProgress], None] | None = None) -> SearchResult:
     """Run `trials` trials on the current Ray cluster; one MLflow parent run holds them.
 
     Resources per trial, the concurrency limit and early stopping come from the space.
@@ -154,8 +211,9 @@ def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = 
             tune_config=tune.TuneConfig(  # no metric/mode here: it would drop an objective
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
                 scheduler=scheduler, num_samples=trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage) if storage else None,
-                                      verbose=0),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage) if storage else None, verbose=0,
+                callbacks=[_ProgressCallback(trials, on_progress)] if on_progress else None),
         )
         grid = tuner.fit()
         points = [_point(r) for r in grid]

@@ -38,8 +38,13 @@ def test_search_logs_parent_children_and_a_front(local_ray, tracking, tmp_path):
     uri = tracking
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE)
+    snapshots = []
     result = run_search(load_space(space_file), name="tiny", trials=4, space_file=str(space_file),
-                        seed=0, storage=tmp_path / "ray")
+                        seed=0, storage=tmp_path / "ray",
+                        on_progress=lambda p: snapshots.append((p.running, p.finished,
+                                                                len(p.front))))
+    assert snapshots[-1] == (0, 4, len(result.front))
+    assert max(running for running, _, _ in snapshots) <= 2  # the space's max_concurrent
 
     assert result.directions == ["MAXIMIZE", "MINIMIZE"]
     assert len(result.points) == 4 and all(p.state == "complete" for p in result.points)
