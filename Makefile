@@ -31,6 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/adapter_step.py
 	$(VENV)/bin/python bench/forward_rule.py
+	$(VENV)/bin/python bench/search_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
