@@ -94,7 +94,7 @@ class _DenseKroneckerLinear(torch.autograd.Function):
             if s1 is not None:
                 grad_s1, grad_s2 = _rescale_grads(grad_out, kept, ctx.keep_h, s1, s2)
                 grad_out = grad_out * (1 + s1).to(grad_out.dtype)  # gradient w.r.t. h
-            grads = _dense_grads(ctx, grad_out, x, weight, bias, C, A, B, s1, s2)
+            grads = _dense_grads(ctx, grad_out, x, weight, bias, C, A, B)
         return (*grads, grad_s1, grad_s2, None)
 
 
@@ -105,13 +105,17 @@ def _fused_weights(weight: Tensor, bias: Tensor | None, C: Tensor, A: Tensor, B:
     with torch.autocast(weight.device.type, enabled=False):
         blocks = _kronecker_blocks(C, A, B, scale).to(weight.dtype)
         merged = (weight.view(blocks.shape) + blocks).view(weight.shape)
-        if s1 is None:
-            return merged, bias
-        gain = (1 + s1).to(weight.dtype)
-        merged = merged * gain.unsqueeze(1)
-        if bias is not None:
-            bias = torch.addcmul(s2.to(bias.dtype), bias, gain)
-        return merged, bias
+        return (merged, bias) if s1 is None else fold_rescale(merged, bias, s1, s2)
+
+
+def fold_rescale(weight: Tensor, bias: Tensor | None, s1: Tensor,
+                 s2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`diag(1 + s1) W`, `(1 + s1) b + s2`: the re-scaling folded into a linear layer."""
+    gain = (1 + s1).to(weight.dtype)
+    weight = weight * gain.unsqueeze(1)
+    if bias is not None:
+        bias = torch.addcmul(s2.to(bias.dtype), bias, gain)
+    return weight, bias
 
 
 def _rescale_grads(grad_out: Tensor, kept: Tensor, keep_h: bool, s1: Tensor,
@@ -129,7 +133,7 @@ def _rescale_grads(grad_out: Tensor, kept: Tensor, keep_h: bool, s1: Tensor,
     return g_dot.sum_to_size(s1.shape).to(s1.dtype), grad_s2
 
 
-def _dense_grads(ctx, grad_h, x, weight, bias, C, A, B, s1, s2):  # noqa: ANN001, ANN202
+def _dense_grads(ctx, grad_h, x, weight, bias, C, A, B):  # noqa: ANN001, ANN202
     """Gradients for x, W0, b0, C, A, B given the gradient w.r.t. the pre-scale output h."""
     need = ctx.needs_input_grad
     grad_x = grad_w = grad_b = None

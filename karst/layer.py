@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from karst.functional import dense_kronecker_linear, factored_delta, kronecker_delta
+from karst.functional import (
+    dense_kronecker_linear,
+    factored_delta,
+    fold_rescale,
+    kronecker_delta,
+)
 
 #: The `"auto"` forward picks the dense form (ΔW and the re-scaling folded into the frozen
 #: weight, one matmul) from this many tokens per call (batch × sequence), the factored form
@@ -161,11 +166,8 @@ class Rescale(nn.Module):
         return torch.addcmul(self.s2.to(y.dtype), y, gain)
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        gain = 1 + self.s1.float()
-        weight = weight * gain.unsqueeze(1)
-        if bias is not None:
-            bias = bias * gain + self.s2.float()
-        return weight, bias
+        return fold_rescale(weight, bias, self.s1.to(weight.dtype),
+                            None if self.s2 is None else self.s2.to(weight.dtype))
 
 
 class NoRescale(nn.Identity):
