@@ -108,16 +108,21 @@ def _check_shapes(targets: list[Target], config: AdapterConfig) -> None:
             _check_rank(t, config.rank, t.d_out, t.d_in, "d")
 
 
-def _factor_message(target: Target, targets: list[Target], factor: tuple[int, int]) -> str:
+def common_factors(targets: list[Target]) -> tuple[list[int], list[int], list[int]]:
+    """Factors valid for every target: f_out values, f_in values, and those valid as one int."""
     outs = set.intersection(*(set(_divisors(t.d_out)) for t in targets))
     ins = set.intersection(*(set(_divisors(t.d_in)) for t in targets))
-    common = sorted(outs & ins)
+    return sorted(outs), sorted(ins), sorted(outs & ins)
+
+
+def _factor_message(target: Target, targets: list[Target], factor: tuple[int, int]) -> str:
+    outs, ins, common = common_factors(targets)
     return (
         f"factor={factor} does not divide target {target.name!r} of shape "
         f"(out={target.d_out}, in={target.d_in}): f_out must divide {target.d_out} "
         f"(valid: {_divisors(target.d_out)}) and f_in must divide {target.d_in} "
         f"(valid: {_divisors(target.d_in)}). Factors valid for every target: "
-        f"f_out in {sorted(outs)}, f_in in {sorted(ins)}; as one int: {common}."
+        f"f_out in {outs}, f_in in {ins}; as one int: {common}."
     )
 
 

@@ -14,6 +14,7 @@ earlier choices are resolved per trial and no invalid configuration reaches a wo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import karst
+from karst.model import common_factors
 from pipeline.backbones import create_model_skeleton
 from pipeline.config import (
     ConfigError,
@@ -142,12 +144,19 @@ def _check_keys(space: SearchSpace, source: str) -> None:
     """Each dimension must name a trial-config field: try its first value on the fixed part."""
     validate_trial_config(space.trial, source=f"{source} (trial:)")
     for key, dim in space.search.items():
-        data = json.loads(json.dumps(space.trial))
         try:
-            apply_value(data, key, _first_value(dim))
+            data = compose(space.trial, {key: _first_value(dim)})
         except ConfigError as err:
             raise ConfigError(f"{source}: search.{key}: {err}") from None
         validate_trial_config(data, source=f"{source} (search.{key})")
+
+
+def compose(trial: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the fixed `trial:` part with the dotted-key `values` set in it."""
+    data = copy.deepcopy(trial)
+    for key, value in values.items():
+        apply_value(data, key, value)
+    return data
 
 
 def _first_value(dim: CategoricalDim | RangeDim) -> Any:
@@ -184,12 +193,10 @@ class SpaceSampler:
         return True
 
     def _factor_hint(self) -> str:
-        config = karst.KarstConfig(factor=7919, rank=1, targets=self.base.adapter.targets)
-        try:
-            karst.find_targets(self.skeleton, config)
-        except ValueError as err:
-            return str(err).split(". ", 1)[-1]
-        return ""
+        probe = karst.KarstConfig(factor=1, rank=1, targets=self.base.adapter.targets)
+        outs, ins, common = common_factors(karst.find_targets(self.skeleton, probe))
+        return (f"Factors valid for every target: f_out in {outs}, f_in in {ins}; "
+                f"as one int: {common}.")
 
     def ranks_for(self, factor: Any, ranks: list[Any]) -> list[Any]:
         return [r for r in ranks if self._fits(factor=_as_factor(factor), rank=r)]
@@ -223,10 +230,7 @@ class SpaceSampler:
         return choices[encoded.index(trial.suggest_categorical(name, encoded))]
 
     def build(self, values: dict[str, Any]) -> TrialConfig:
-        data = json.loads(json.dumps(self.space.trial))
-        for key, value in values.items():
-            apply_value(data, key, value)
-        return validate_trial_config(data)
+        return validate_trial_config(compose(self.space.trial, values))
 
     def params(self, config: TrialConfig) -> int:
         return karst.param_count(self.skeleton, config.adapter)
