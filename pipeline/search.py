@@ -121,14 +121,11 @@ class _ProgressCallback(tune.Callback):
         self.last[trial.trial_id] = result
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = self.last.get(trial.trial_id, {})
+        point = trial_point(trial.config, self.last.get(trial.trial_id))
         self.progress.running -= 1
-        if result.get("full_budget"):
+        if point.state == COMPLETE:
             self.progress.complete += 1
-            self.points.append(TrialPoint(trial=int(trial.config.get("trial_number", -1)),
-                                          val_accuracy=result["val_accuracy"],
-                                          params=int(result["params"]),
-                                          test_accuracy=result.get("test_accuracy")))
+            self.points.append(point)
             self.progress.front = pareto_front(self.points)
         else:
             self.progress.stopped += 1
@@ -159,10 +156,10 @@ def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: st
     mlflow.set_tracking_uri(tracking_uri)
     while mlflow.active_run():  # left open by a trial stopped earlier in this reused actor
         mlflow.end_run(status="KILLED")
-    tags = {"karst.kind": "trial", "karst.search": search, "karst.trial_number": str(number),
+    tags = {"karst.search": search, "karst.trial_number": str(number),
             "mlflow.parentRunId": parent_run_id}
-    with mlflow.start_run(run_name=f"{search}-trial-{number:04d}", tags=tags) as run:
-        tracking.log_config(trial_config)
+    with tracking.trial_run(trial_config, run_name=f"{search}-trial-{number:04d}",
+                            tags=tags) as run:
         start = time.perf_counter()
         prepared = prepare_trial(trial_config, default_device())
 
@@ -235,9 +232,13 @@ def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = 
 
 
 def _point(result: Any) -> TrialPoint:
-    metrics = result.metrics or {}
-    state = (FAILED if result.error else COMPLETE if metrics.get("full_budget") else STOPPED)
-    config = result.config or {}
+    return trial_point(result.config, result.metrics, failed=result.error is not None)
+
+
+def trial_point(config: dict | None, metrics: dict | None, *, failed: bool = False) -> TrialPoint:
+    """A trial as the front sees it, from its config and last reported metrics."""
+    config, metrics = config or {}, metrics or {}
+    state = FAILED if failed else COMPLETE if metrics.get("full_budget") else STOPPED
     return TrialPoint(trial=int(config.get("trial_number", -1)),
                       val_accuracy=float(metrics.get("val_accuracy", 0.0)),
                       params=int(metrics.get("params", 0)), state=state,

@@ -46,9 +46,9 @@ RUN_ID_FILE = "mlflow_run_id"
 
 @contextmanager
 def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
-              experiment: str | None = None,
-              checkpoint_dir: Path | None = None) -> Iterator[mlflow.ActiveRun]:
-    """One MLflow run for one `karst train`, tagged with the config file it came from.
+              experiment: str | None = None, checkpoint_dir: Path | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one fine-tune (`karst train`, or a search trial with its `tags`).
 
     With a `checkpoint_dir`, the run id is kept there, so a resumed fine-tune goes on
     logging into the run it started instead of opening a second one.
@@ -62,9 +62,8 @@ def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run.info.run_id)
         if not run_id:
-            tags = {"karst.kind": "trial", "karst.method": config.adapter.method}
-            if source:
-                tags["karst.config_file"] = source
-            mlflow.set_tags(tags)
+            mlflow.set_tags({"karst.kind": "trial", "karst.method": config.adapter.method,
+                             **({"karst.config_file": source} if source else {}),
+                             **(tags or {})})
             log_config(config)
         yield run
