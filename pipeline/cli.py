@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -132,7 +133,8 @@ def pretrain(
 
 @app.command()
 def search(
-    space_file: Path = typer.Argument(..., metavar="SPACE.yaml", help="Search space."),
+    space_file: Path | None = typer.Argument(None, metavar="SPACE.yaml",
+                                             help="Search space (not with --resume)."),
     trials: int = typer.Option(8, min=1, help="Trials to run."),
     name: str | None = typer.Option(None, help="Search name (default: the space file's name)."),
     address: str | None = typer.Option(
@@ -140,9 +142,37 @@ def search(
                    "else a local Ray."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2, random or gp."),
     seed: int = typer.Option(0, help="Sampler seed."),
+    storage: str | None = typer.Option(
+        None, help="Where Ray Tune keeps the search's state and trial checkpoints (a folder, "
+                   "or s3://… on a cluster); default ~/ray_results."),
+    resume: str | None = typer.Option(None, metavar="NAME",
+                                      help="Continue the interrupted search NAME."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and describe; run nothing."),
 ) -> None:
     """Search SPACE.yaml for the configurations no other beats on accuracy and size."""
+    if resume:
+        if space_file is not None:
+            raise _fail("--resume NAME continues a search with the space it started with; "
+                        "leave SPACE.yaml out")
+        _resume(resume, address)
+        return
+    if space_file is None:
+        raise _fail("give a SPACE.yaml to search, or --resume NAME")
+    space = _checked_space(space_file, sampler, seed)
+    if dry_run:
+        return
+    name = name or space_file.stem
+    _check_search_name(name)
+    _connect_ray(address)
+    from pipeline.search import run_search
+
+    _run_and_show(name, trials, lambda on_progress: run_search(
+        space, name=name, trials=trials, space_file=str(space_file), sampler=sampler,
+        seed=seed, storage=storage, on_progress=on_progress))
+
+
+def _checked_space(space_file: Path, sampler: str, seed: int):  # noqa: ANN202
+    """Load and dry-run the space, so that bad input fails before Ray starts."""
     from pipeline.config import ConfigError
     from pipeline.search import SAMPLERS
     from pipeline.space import SpaceSampler, load_space
@@ -156,10 +186,29 @@ def search(
     except (ConfigError, ValueError) as err:
         raise _fail(str(err)) from None
     _print_dry_run(report)
-    if dry_run:
-        return
+    return space
+
+
+def _check_search_name(name: str) -> None:
+    from pipeline.search import check_new_name
+
+    try:
+        check_new_name(name)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+
+
+def _resume(name: str, address: str | None) -> None:
+    """Resume search `name`: checked in MLflow first, so a bad name fails before Ray starts."""
+    from pipeline.search import resumable_search, resume_search
+
+    try:
+        run, _ = resumable_search(name)
+    except ValueError as err:
+        raise _fail(str(err)) from None
     _connect_ray(address)
-    _run_and_show(space, space_file, name or space_file.stem, trials, sampler, seed)
+    trials = int(run.data.params.get("trials", 0))
+    _run_and_show(name, trials, lambda on_progress: resume_search(name, on_progress=on_progress))
 
 
 def _print_dry_run(report) -> None:  # noqa: ANN001
@@ -198,11 +247,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                     " or auto)") from None
 
 
-def _run_and_show(space, space_file: Path, name: str, trials: int,  # noqa: ANN001
-                  sampler: str, seed: int) -> None:
+def _run_and_show(name: str, trials: int, start: Callable) -> None:
+    """Run `start(on_progress)` (a new or resumed search) under a live progress line."""
     import mlflow
-
-    from pipeline.search import run_search
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
@@ -218,8 +265,10 @@ def _run_and_show(space, space_file: Path, name: str, trials: int,  # noqa: ANN0
                        status=f"running {p.running} · done {p.complete} · stopped {p.stopped}"
                               f" · failed {p.failed} · {front}")
 
-        result = run_search(space, name=name, trials=trials, space_file=str(space_file),
-                            sampler=sampler, seed=seed, on_progress=on_progress)
+        try:
+            result = start(on_progress)
+        except ValueError as err:
+            raise _fail(str(err)) from None
     states = {s: sum(p.state == s for p in result.points) for s in ("complete", "stopped",
                                                                     "failed")}
     console.print(f"[bold]{name}[/]: {states}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import tracking
-from pipeline.config import TrialConfig
 from pipeline.front import (
     COMPLETE,
     FAILED,
@@ -41,7 +38,7 @@ from pipeline.front import (
 )
 from pipeline.space import OutOfBudget, SearchSpace, SpaceSampler
 from pipeline.stopping import make_scheduler
-from pipeline.trial import default_device, prepare_trial, run_trial
+from pipeline.trainable import train_trial
 
 OBJECTIVES = (["val_accuracy", "params"], ["max", "min"])
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
@@ -51,6 +48,8 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
 }
 _MAX_DRAWS = 1000  # out-of-budget samples refused in a row before giving up
+_MAX_RETRIES = 3  # a trial whose worker died (lost node) restarts from its last checkpoint
+SPACE_ARTIFACT = "space.json"  # the validated space, on the parent run: what a resume rebuilds
 
 
 class _TwoObjectiveSearch(OptunaSearch):
@@ -74,8 +73,10 @@ class _TwoObjectiveSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if result is not None and not result.get("full_budget"):
-            result = None  # stopped early or failed: PRUNED (or FAIL), never COMPLETE
+        if result is not None and result.get("error"):
+            result, error = None, True  # the trial failed in its worker: FAIL
+        elif result is not None and not result.get("full_budget"):
+            result = None  # stopped early: PRUNED, never COMPLETE with a truncated score
         super().on_trial_complete(trial_id, result, error)
 
     @property
@@ -99,42 +100,49 @@ class SearchProgress:
         return self.complete + self.stopped + self.failed
 
 
+def _ignore(progress: SearchProgress) -> None:
+    pass
+
+
 class _ProgressCallback(tune.Callback):
-    """Runs in the driver: turns Ray Tune's trial events into `SearchProgress` snapshots."""
+    """Runs in the driver: turns Ray Tune's trial list into `SearchProgress` snapshots.
+
+    It counts from the trial list on every event rather than keeping tallies, so a search
+    restored from Ray's saved state shows the right counts at once.
+    """
 
     def __init__(self, total: int, on_progress: Callable[[SearchProgress], None]) -> None:
-        self.progress = SearchProgress(total)
+        self.total = total
         self.on_progress = on_progress
-        self.last: dict[str, dict] = {}
-        self.points: list[TrialPoint] = []
 
     def __getstate__(self) -> dict:
         """Ray pickles callbacks into its experiment state; a display cannot be pickled."""
-        return {**self.__dict__, "on_progress": lambda progress: None}
+        return {"total": self.total, "on_progress": _ignore}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.running += 1
-        self.on_progress(self.progress)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        self.last[trial.trial_id] = result
+        self._show(trials, {})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        point = trial_point(trial.config, self.last.get(trial.trial_id))
-        self.progress.running -= 1
-        if point.state == COMPLETE:
-            self.progress.complete += 1
-            self.points.append(point)
-            self.progress.front = pareto_front(self.points)
-        else:
-            self.progress.stopped += 1
-        self.on_progress(self.progress)
+        self._show(trials, {trial.trial_id: "TERMINATED"})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.running -= 1
-        self.progress.failed += 1
-        self.on_progress(self.progress)
+        self._show(trials, {trial.trial_id: "ERROR"})
+
+    def _show(self, trials: list, just_ended: dict[str, str]) -> None:
+        progress = SearchProgress(self.total)
+        points = []
+        for trial in trials:
+            status = just_ended.get(trial.trial_id, trial.status)
+            if status == "RUNNING":
+                progress.running += 1
+            elif status in ("TERMINATED", "ERROR"):
+                points.append(trial_point(trial.config, trial.last_result,
+                                          failed=status == "ERROR"))
+        progress.complete = sum(p.state == COMPLETE for p in points)
+        progress.stopped = sum(p.state == STOPPED for p in points)
+        progress.failed = sum(p.state == FAILED for p in points)
+        progress.front = pareto_front(points)
+        self.on_progress(progress)
 
 
 @dataclass(frozen=True)
@@ -148,38 +156,6 @@ class SearchResult:
     optuna_states: dict[int, str]  # Optuna trial number → COMPLETE / PRUNED / FAIL
 
 
-def _train_trial(config: dict[str, Any], *, parent_run_id: str, tracking_uri: str,
-                 search: str) -> None:
-    """One trial on a Ray worker: its own MLflow child run, one report per epoch."""
-    trial_config = TrialConfig.model_validate(config["trial_config"])
-    number = config["trial_number"]
-    mlflow.set_tracking_uri(tracking_uri)
-    while mlflow.active_run():  # left open by a trial stopped earlier in this reused actor
-        mlflow.end_run(status="KILLED")
-    tags = {"karst.search": search, "karst.trial_number": str(number),
-            "mlflow.parentRunId": parent_run_id}
-    with tracking.trial_run(trial_config, run_name=f"{search}-trial-{number:04d}",
-                            tags=tags) as run:
-        start = time.perf_counter()
-        prepared = prepare_trial(trial_config, default_device())
-
-        def on_epoch(report) -> None:  # noqa: ANN001
-            tracking.log_epoch(report)
-            tune.report({"epoch": report.epoch, "val_accuracy": report.val_accuracy,
-                         "train_loss": report.train_loss, "params": prepared.params,
-                         "full_budget": False, "mlflow_run_id": run.info.run_id})
-
-        result = run_trial(trial_config, prepared=prepared, on_epoch=on_epoch)
-        train_seconds = time.perf_counter() - start
-        tracking.log_result(result)
-        mlflow.set_tag("karst.state", COMPLETE)
-        last = result.reports[-1]
-        tune.report({"epoch": last.epoch, "val_accuracy": last.val_accuracy,
-                     "train_loss": last.train_loss, "params": result.params,
-                     "test_accuracy": result.test_accuracy, "full_budget": True,
-                     "mlflow_run_id": run.info.run_id, "train_seconds": train_seconds})
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -189,45 +165,122 @@ def git_commit() -> str:
         return "unknown"
 
 
+def default_storage() -> str:
+    """Ray Tune's own default, made explicit so that the parent run can record it."""
+    return str(Path("~/ray_results").expanduser())
+
+
+def check_new_name(name: str) -> None:
+    """A search name is its identity in MLflow and in Ray's storage: refuse a second one."""
+    try:
+        run = find_search_run(name)
+    except ValueError:
+        return
+    raise ValueError(f"a search named {name!r} exists already (MLflow run {run.info.run_id}, "
+                     f"{run.info.status}); pick another --name, or continue it with "
+                     f"`karst search --resume {name}`")
+
+
 def run_search(space: SearchSpace, *, name: str, trials: int, space_file: str = "",
-               sampler: str = "tpe", seed: int = 0, storage: Path | None = None,
+               sampler: str = "tpe", seed: int = 0, storage: str | Path | None = None,
                on_progress: Callable[[SearchProgress], None] | None = None) -> SearchResult:
     """Run `trials` trials on the current Ray cluster; one MLflow parent run holds them.
 
     Resources per trial, the concurrency limit and early stopping come from the space.
+    Ray Tune keeps its state under `storage`/`name`, from which `resume_search` continues.
     """
+    check_new_name(name)
     space_sampler = SpaceSampler(space)
     searcher = _TwoObjectiveSearch(space_sampler, SAMPLERS[sampler](seed))
-    max_concurrent = space.max_concurrent
+    storage = str(storage or default_storage())
     with mlflow.start_run(run_name=name, tags={"karst.kind": "search",
                                                "karst.search": name}) as parent:
         mlflow.log_params({"space_file": space_file, "sampler": sampler, "seed": seed,
-                           "trials": trials, "max_concurrent": max_concurrent,
+                           "trials": trials, "max_concurrent": space.max_concurrent,
                            "budget": json.dumps(space.budget.model_dump()),
                            "early_stopping": json.dumps(space.early_stopping.model_dump()),
-                           "git_commit": git_commit()})
-        trainable = tune.with_parameters(_train_trial, parent_run_id=parent.info.run_id,
-                                         tracking_uri=mlflow.get_tracking_uri(), search=name)
+                           "storage": storage, "git_commit": git_commit()})
+        mlflow.log_dict(space.model_dump(mode="json"), SPACE_ARTIFACT)
         scheduler = make_scheduler(space.early_stopping, space_sampler.base.epochs)
         tuner = tune.Tuner(
-            tune.with_resources(trainable, space.resources.model_dump()),
+            _trainable(space, parent, name),
             tune_config=tune.TuneConfig(  # no metric/mode here: it would drop an objective
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent),
                 scheduler=scheduler, num_samples=trials,
                 reuse_actors=True),  # a fresh worker per trial costs ~2.7 s (bench)
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage) if storage else None, verbose=0,
-                callbacks=[_ProgressCallback(trials, on_progress)] if on_progress else None),
+                name=name, storage_path=storage, verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=_MAX_RETRIES),
+                callbacks=[_ProgressCallback(trials, on_progress or _ignore)]),
         )
-        grid = tuner.fit()
-        points = [_point(r) for r in grid]
-        _close_unfinished_runs(grid)
-        front = pareto_front(points)
-        _log_front(points, front, name)
+        return _conclude(tuner.fit(), searcher, name, parent.info.run_id)
+
+
+def resume_search(name: str, *,
+                  on_progress: Callable[[SearchProgress], None] | None = None) -> SearchResult:
+    """Continue search `name` after its driver died: Ray Tune's saved state, the same Optuna
+    study, the same MLflow parent run and child runs. `ValueError` if there is nothing to resume.
+    """
+    run, path = resumable_search(name)
+    space = SearchSpace.model_validate(mlflow.artifacts.load_dict(
+        f"{run.info.artifact_uri}/{SPACE_ARTIFACT}"))
+    with mlflow.start_run(run_id=run.info.run_id) as parent:
+        mlflow.set_tag("karst.resumed", str(int(run.data.tags.get("karst.resumed", "0")) + 1))
+        tuner = tune.Tuner.restore(path, _trainable(space, parent, name),
+                                   resume_unfinished=True)
+        searcher = _restored_searcher(tuner, on_progress or _ignore)
+        return _conclude(tuner.fit(), searcher, name, parent.info.run_id)
+
+
+def resumable_search(name: str) -> tuple[Any, str]:
+    """The MLflow parent run and Ray Tune state path of interrupted search `name`.
+
+    `ValueError` saying why when there is nothing to resume; needs no running Ray.
+    """
+    run = find_search_run(name)
+    if run.info.status == "FINISHED":
+        raise ValueError(f"search {name!r} finished already (MLflow run {run.info.run_id}); "
+                         f"nothing to resume: `karst front {name}` shows its front")
+    path = f"{run.data.params['storage'].rstrip('/')}/{name}"
+    if not tune.Tuner.can_restore(path):
+        raise ValueError(f"search {name!r}: no Ray Tune state at {path} (it died before Ray "
+                         "saved any, or the storage moved); start it again under a new --name")
+    return run, path
+
+
+def _trainable(space: SearchSpace, parent: mlflow.ActiveRun, name: str) -> Any:
+    trainable = tune.with_parameters(
+        train_trial, parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
+        tracking_uri=mlflow.get_tracking_uri(), search=name)
+    return tune.with_resources(trainable, space.resources.model_dump())
+
+
+def _restored_searcher(tuner: tune.Tuner,
+                       on_progress: Callable[[SearchProgress], None]) -> _TwoObjectiveSearch:
+    """The searcher and display callback Ray unpickled from its saved state.
+
+    `Tuner.restore` takes no new search algorithm or callbacks, and hands back none: they
+    are reached through the restored tuner's internals (Ray 2.60).
+    """
+    internal = tuner._local_tuner  # noqa: SLF001
+    for callback in internal.get_run_config().callbacks or []:
+        if isinstance(callback, _ProgressCallback):
+            callback.on_progress = on_progress
+    return internal._tune_config.search_alg.searcher  # noqa: SLF001
+
+
+def _conclude(grid: Any, searcher: _TwoObjectiveSearch, name: str,
+              parent_run_id: str) -> SearchResult:
+    """After Ray Tune returns: close what trials left open, log the front on the parent."""
+    points = [_point(r) for r in grid]
+    _close_unfinished_runs(grid)
+    front = pareto_front(points)
+    _log_front(points, front, name)
     study = searcher.study
     states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
     seconds = [r.metrics["train_seconds"] for r in grid if "train_seconds" in (r.metrics or {})]
-    return SearchResult(name, parent.info.run_id, points, front, seconds,
+    return SearchResult(name, parent_run_id, points, front, seconds,
                         [d.name for d in study.directions], states)
 
 
@@ -238,6 +291,7 @@ def _point(result: Any) -> TrialPoint:
 def trial_point(config: dict | None, metrics: dict | None, *, failed: bool = False) -> TrialPoint:
     """A trial as the front sees it, from its config and last reported metrics."""
     config, metrics = config or {}, metrics or {}
+    failed = failed or bool(metrics.get("error"))
     state = FAILED if failed else COMPLETE if metrics.get("full_budget") else STOPPED
     return TrialPoint(trial=int(config.get("trial_number", -1)),
                       val_accuracy=float(metrics.get("val_accuracy", 0.0)),
@@ -247,12 +301,13 @@ def trial_point(config: dict | None, metrics: dict | None, *, failed: bool = Fal
 
 
 def _close_unfinished_runs(grid: Any) -> None:
-    """A trial Ray stopped or that crashed never closed its MLflow run: record why, end it."""
+    """A trial Ray stopped, or whose worker died, never closed its MLflow run: record why."""
     client = mlflow.MlflowClient()
     for result in grid:
-        run_id = (result.metrics or {}).get("mlflow_run_id")
-        if not run_id or (result.metrics or {}).get("full_budget"):
-            continue
+        metrics = result.metrics or {}
+        run_id = metrics.get("mlflow_run_id")
+        if not run_id or metrics.get("full_budget") or metrics.get("error"):
+            continue  # closed by its worker
         state, status = (FAILED, "FAILED") if result.error else (STOPPED, "KILLED")
         client.set_tag(run_id, "karst.state", state)
         if result.error:

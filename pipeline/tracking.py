@@ -47,16 +47,19 @@ RUN_ID_FILE = "mlflow_run_id"
 @contextmanager
 def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
               experiment: str | None = None, checkpoint_dir: Path | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+              tags: dict[str, str] | None = None,
+              run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one fine-tune (`karst train`, or a search trial with its `tags`).
 
-    With a `checkpoint_dir`, the run id is kept there, so a resumed fine-tune goes on
-    logging into the run it started instead of opening a second one.
+    A resumed fine-tune goes on logging into the run it started instead of opening a
+    second one: `run_id` names it (a search finds its trial's run by tags), or with a
+    `checkpoint_dir` the run id is kept there.
     """
     if experiment:
         mlflow.set_experiment(experiment)
     id_file = checkpoint_dir / RUN_ID_FILE if checkpoint_dir else None
-    run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
+    if run_id is None and id_file and id_file.exists():
+        run_id = id_file.read_text().strip()
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if id_file and not run_id:
             id_file.parent.mkdir(parents=True, exist_ok=True)
