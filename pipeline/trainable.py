@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 from mlflow.entities import Run
 from ray import tune
 
@@ -50,6 +51,7 @@ def train_trial(config: dict[str, Any], *, parent_run_id: str, experiment_id: st
     with tracking.trial_run(trial_config, run_name=f"{search}-trial-{number:04d}", tags=tags,
                             run_id=recorded.info.run_id if recorded else None) as run, \
             _restored_checkpoint() as checkpoint_dir:
+        mlflow.set_tag("karst.ray_node", ray.get_runtime_context().get_node_id())  # this attempt's
         try:
             report = _train(trial_config, run.info.run_id, checkpoint_dir)
         except Exception as err:  # noqa: BLE001 - the trial's own failure, whatever it is
