@@ -125,14 +125,26 @@ def plot_data(points: Sequence[TrialPoint]) -> PlotData:
                     xy([p for p in points if p.state == STOPPED]), xy(pareto_front(points)))
 
 
-def draw_front(data: PlotData, path: Path, title: str = "") -> Path:
-    """Accuracy against parameters (log x): all trials, stopped ones hollow, front joined."""
+def _pyplot():  # noqa: ANN202
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    return plt
+
+
+def _save(fig, ax, path: Path) -> Path:  # noqa: ANN001
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def draw_front(data: PlotData, path: Path, title: str = "") -> Path:
+    """Accuracy against parameters (log x): all trials, stopped ones hollow, front joined."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4), dpi=120)
     for points, style in ((data.complete, dict(color="tab:blue", label="complete")),
                           (data.stopped, dict(facecolors="none", edgecolors="tab:gray",
                                               label="stopped early"))):
@@ -144,9 +156,16 @@ def draw_front(data: PlotData, path: Path, title: str = "") -> Path:
                    label="Pareto front")
     ax.set(xscale="log", xlabel="trainable adapter parameters", ylabel="validation accuracy",
            title=title)
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
+
+
+def draw_hypervolume(history: Sequence[float], reference: Reference, path: Path,
+                     title: str = "") -> Path:
+    """The front's hypervolume after each finished trial: where the search stopped paying."""
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(range(1, len(history) + 1), history, marker="o", markersize=3)
+    ax.set(xlabel="trials finished", ylabel="hypervolume (accuracy × log10 params)",
+           title=f"{title} (reference: accuracy {reference.accuracy:g}, "
+                 f"{reference.params:,} params)".strip())
+    return _save(fig, ax, path)

@@ -31,6 +31,7 @@ from pipeline.front import (
     TrialPoint,
     default_reference,
     draw_front,
+    draw_hypervolume,
     hypervolume_history,
     pareto_front,
     plot_data,
@@ -324,6 +325,7 @@ def _log_front(points: list[TrialPoint], front: list[TrialPoint], name: str) -> 
         write_front(front, directory)
         draw_front(plot_data(points), directory / "pareto_front.png", title=name)
         history = hypervolume_history(finished, reference)
+        draw_hypervolume(history, reference, directory / "hypervolume.png", title=name)
         (directory / "hypervolume.json").write_text(json.dumps(
             {"reference": reference._asdict(), "space": "(val_accuracy, log10 params)",
              "history": history}, indent=2))

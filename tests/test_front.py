@@ -12,7 +12,9 @@ from pipeline.front import (
     STOPPED,
     Reference,
     TrialPoint,
+    default_reference,
     draw_front,
+    draw_hypervolume,
     hypervolume,
     hypervolume_history,
     non_dominated,
@@ -92,3 +94,10 @@ def test_plot_shows_all_trials_with_stopped_ones_apart(tmp_path):
     assert data.front == [(1_000, 0.70), (10_000, 0.80), (100_000, 0.90)]
     path = draw_front(data, tmp_path / "pareto.png", title="demo")
     assert path.stat().st_size > 1_000
+
+
+def test_hypervolume_history_is_drawn_with_its_reference(tmp_path):
+    reference = default_reference(100_000)
+    history = hypervolume_history(POINTS, reference)
+    path = draw_hypervolume(history, reference, tmp_path / "hv.png", title="demo")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1_000

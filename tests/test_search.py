@@ -55,7 +55,7 @@ def test_search_logs_parent_children_and_a_front(local_ray, tracking, tmp_path):
     assert all("test_accuracy" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"pareto_front.csv", "pareto_front.json", "pareto_front.png",
-            "hypervolume.json"} <= artifacts
+            "hypervolume.json", "hypervolume.png"} <= artifacts
 
     shown = CliRunner().invoke(app, ["front", "tiny"], catch_exceptions=False)
     assert shown.exit_code == 0, shown.output
