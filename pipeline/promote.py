@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 import karst
+from pipeline import tracking
 from pipeline.backbones import create_model_skeleton
 from pipeline.config import ConfigError, TrialConfig, apply_value, flatten, validate_trial_config
 from pipeline.front import COMPLETE, TrialPoint
@@ -162,11 +163,16 @@ def config_from_params(params: dict[str, str]) -> TrialConfig:
     """Invert `pipeline.config.flatten`: the trial config a run logged as params.
 
     Values were logged as `str()` of JSON values; they are read back as YAML (`None` as
-    null). The result must flatten back to exactly the logged params, so a value the
-    params cannot carry (cut for length, ambiguous text) is an error, never a guess.
+    null), and the result must flatten back to exactly the logged params, so a value cut
+    for length or read back as other text is an error, never a guess. What no text can
+    tell apart stays a limit: a string "1" under `backbone.kwargs` comes back as the int 1.
+    Front members need none of this: the front stores their configs whole.
     """
     data: dict[str, Any] = {}
     for key, text in params.items():
+        if text.endswith("...") and len(text) >= tracking._MAX_PARAM_CHARS:
+            raise ValueError(f"the trial's logged param {key!r} was cut for length, so its "
+                             "config cannot be rebuilt; promote a front member instead")
         apply_value(data, key, None if text == "None" else yaml.safe_load(text))
     try:
         config = validate_trial_config(data, source="the trial's logged params")
@@ -187,12 +193,12 @@ def merge_and_gate(candidate: Candidate, gate_config: GateConfig | None = None,
     """Rebuild the trained trial, merge it, gate the merge, test the merged model."""
     gate_config = gate_config or GateConfig()
     config = TrialConfig.model_validate(candidate.point.config)
-    prepared = prepare_trial(config, device)
-    adapted = load_trained_adapter(prepared.model, candidate.trial_run_id).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = download_adapter(candidate.trial_run_id, tmp)  # fails before building
+        prepared = prepare_trial(config, device)
+        adapted = karst.load_adapter(prepared.model, adapter).eval()
     merged = karst.merge_karst(copy.deepcopy(adapted)).eval()
-    for layer in adapted.modules():  # the reference never builds ΔW, so the gate compares
-        if isinstance(layer, karst.AdaptedLinear):  # two computations, not one twice
-            layer.forward_mode = "factored"
+    use_factored_forward(adapted)
     num_classes = prepared.task.num_classes
     probe = next(iter(prepared.task.val.batches(gate_config.probe_size)))[0]
     vanilla = vanilla_state_shapes(config, num_classes)
@@ -201,17 +207,27 @@ def merge_and_gate(candidate: Candidate, gate_config: GateConfig | None = None,
     return MergedTrial(candidate, merged.cpu(), probe, gate, test_accuracy, num_classes)
 
 
-def load_trained_adapter(model: nn.Module, run_id: str) -> nn.Module:
-    """Load the trial's `adapter.safetensors` (adapter, re-scaling, head) into `model`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ADAPTER_FILE,
-                                                       dst_path=tmp)
-        except Exception as err:  # MLflow raises several types for a missing artifact
-            raise ValueError(f"trial run {run_id} has no {ADAPTER_FILE} artifact ({err}); the "
-                             "trial's upload failed or the artifact was deleted: promote "
-                             "another trial") from None
-        return karst.load_adapter(model, path)
+def download_adapter(run_id: str, directory: str) -> str:
+    """The trial's `adapter.safetensors` (adapter, re-scaling, head), downloaded."""
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ADAPTER_FILE,
+                                                   dst_path=directory)
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise ValueError(f"trial run {run_id} has no {ADAPTER_FILE} artifact ({err}); the "
+                         "trial's upload failed or the artifact was deleted: promote another "
+                         "trial") from None
+
+
+def use_factored_forward(adapted: nn.Module) -> None:
+    """Make every adapted layer compute `ΔW x` without building ΔW.
+
+    The dense forward folds ΔW and the re-scaling into the weight exactly as the merge
+    does, so against it the gate would compare one computation with itself; the factored
+    form is an independent computation of the same function.
+    """
+    for layer in adapted.modules():
+        if isinstance(layer, karst.AdaptedLinear):
+            layer.forward_mode = "factored"
 
 
 def vanilla_state_shapes(config: TrialConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
