@@ -27,6 +27,7 @@ import ray
 import torch
 from conftest import make_model, randomise_adapters
 from mlflow.tracking import MlflowClient
+from test_search import SPACE as TINY_SPACE
 from typer.testing import CliRunner
 
 import karst
@@ -49,20 +50,7 @@ from pipeline.search import load_front, run_search
 from pipeline.space import load_space
 
 SEARCH = "tiny"
-SPACE = """\
-trial:
-  backbone: {name: karst_vit_fmnist}
-  task: {name: digits, train_size: 96, val_size: 64}
-  adapter: {method: karst, init: kaiming, alpha: 8.0}
-  epochs: 1
-  batch_size: 32
-search:
-  adapter.num_kernels: {type: categorical, choices: [1, 4]}
-  adapter.factor: {type: categorical, choices: [4, 32]}
-  adapter.rank: {type: categorical, choices: [1, 2]}
-  optim.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-early_stopping: {mode: none}
-"""
+SPACE = TINY_SPACE.replace("epochs: 2", "epochs: 1")  # a front is all these tests need
 
 
 @dataclass(frozen=True)
