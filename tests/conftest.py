@@ -95,3 +95,14 @@ def mlflow_servers(tmp_path):
 def mlflow_server(mlflow_servers):
     """One `mlflow server` over a fresh SQLite store: `.url`, `.restart()`."""
     return mlflow_servers()
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray for one test (2 CPUs), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
