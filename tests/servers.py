@@ -9,6 +9,7 @@ load: trial-like processes logging per-step metrics, every value counted back.
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
 import os
 import pwd
@@ -207,7 +208,7 @@ def _log_steps(uri: str, run_id: str, steps: int) -> tuple[int, list[str], float
     mlflow.set_tracking_uri(uri)
     logged, errors = 0, []
     start = time.time()
-    with mlflow.start_run(run_id=run_id):
+    with contextlib.redirect_stdout(io.StringIO()), mlflow.start_run(run_id=run_id):
         for step in range(1, steps + 1):
             try:
                 mlflow.log_metrics(dict(zip(METRICS, (1.0 / step, step / steps, 0.01),
