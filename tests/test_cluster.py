@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from pipeline.cli import app
 from pipeline.cluster import check_cluster_file
 
 ROOT = Path(__file__).resolve().parent.parent
+RAY, TORCH = (re.escape(importlib.metadata.version(p)) for p in ("ray", "torch"))
+PYTHON = re.escape(f"{sys.version_info.major}.{sys.version_info.minor}")
 AWS, ONPREM = ROOT / "ray_cluster.yaml", ROOT / "ray_cluster_onprem.yaml"
 
 
@@ -79,8 +83,8 @@ BROKEN = {
                     r"worker_start_ray_commands: no `ray start \.\.\. --num-gpus=N`"),
     "lock-version": (AWS, lambda c, t: set_path(c, "metadata.karst.constraints",
                                                 lock_pinning(t, "ray", "2.59.0")),
-                     r"metadata\.karst\.constraints: lock\.txt pins ray==2\.59\.0 but the driver "
-                     r"has ray 2\.60\.0"),
+                     rf"metadata\.karst\.constraints: lock\.txt pins ray==2\.59\.0 but the driver "
+                     rf"has ray {RAY}"),
     "lock-missing": (AWS, lambda c, t: set_path(c, "metadata.karst.constraints", "nope.txt"),
                      r"metadata\.karst\.constraints: .*nope\.txt does not exist"),
     "setup-unpinned": (AWS, lambda c, t: replace_in_commands(
@@ -88,10 +92,10 @@ BROKEN = {
                        r"setup_commands: no `pip install -c \.\.\./constraints\.txt` for the "
                        r"gpu_a10g node"),
     "pin-in-command": (AWS, lambda c, t: c["setup_commands"].append("pip install torch==2.13.0"),
-                       r"setup_commands\[2\]: pins torch==2\.13\.0 but the driver has torch "
-                       r"2\.14\.1"),
+                       rf"setup_commands\[2\]: pins torch==2\.13\.0 but the driver has torch "
+                       rf"{TORCH}"),
     "image": (AWS, lambda c, t: set_path(c, "docker.image", "rayproject/ray:latest-gpu"),
-              r"docker\.image: 'rayproject/ray:latest-gpu' is not Ray 2\.60\.0 on Python 3\.11"),
+              rf"docker\.image: 'rayproject/ray:latest-gpu' is not Ray {RAY} on Python {PYTHON}"),
     "tracking-file": (AWS, lambda c, t: replace_in_commands(
                           c, "MLFLOW_TRACKING_URI=http://", "MLFLOW_TRACKING_URI=sqlite:///"),
                       r"head_setup_commands\[1\]: MLFLOW_TRACKING_URI=sqlite:///\$\(hostname is "
