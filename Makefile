@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/adapter_step.py
 	$(VENV)/bin/python bench/forward_rule.py
 	$(VENV)/bin/python bench/search_overhead.py
+	$(VENV)/bin/python bench/tracking_load.py
 
 # constraints.txt pins every package of a working .venv: `make test` installs from it, and so
 # do the nodes of ray_cluster.yaml (`karst cluster check` compares it with the driver).
