@@ -97,31 +97,33 @@ def check_cluster_file(path: str | Path) -> list[Problem]:
     """Every problem with the cluster file at `path`; an empty list means it passes."""
     path = Path(path)
     raw = read_yaml_mapping(path, "cluster file")
-    problems = ray_problems(raw)
+    prepared, problems = ray_check(raw)
     if problems:
         return problems  # the project's rules need a file Ray accepts
     section, problems = _section(raw)
     if section is None:
         return problems
-    cluster = _split(_prepare(raw), section, path.parent)
+    cluster = _split(prepared, section, path.parent)
     return [problem for rule in RULES for problem in rule(cluster)]
 
 
-def ray_problems(raw: dict[str, Any]) -> list[Problem]:
-    """Ray's schema on the file as written, then on the file with Ray's defaults filled in."""
+def ray_check(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Ray's schema on the file as written, then Ray's defaults filled in and validated as
+    `ray up` does; returns the filled-in config and the problems."""
     import jsonschema
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     problems = _schema_problems(raw, jsonschema)
     if problems:
-        return problems
+        return raw, problems
     try:
-        validate_config(_prepare(raw))
+        prepared = prepare_config(raw)
+        validate_config(prepared)
     except jsonschema.ValidationError as err:
-        return [_schema_problem(err, "(with Ray's defaults) ")]
+        return raw, [_schema_problem(err, "(with Ray's defaults) ")]
     except Exception as err:  # noqa: BLE001 -- Ray raises ValueError, ClickException, ...
-        return [Problem("(file)", f"Ray refuses it: {getattr(err, 'message', None) or err}")]
-    return []
+        return raw, [Problem("(file)", f"Ray refuses it: {getattr(err, 'message', None) or err}")]
+    return prepared, []
 
 
 def _schema_problems(raw: dict[str, Any], jsonschema: Any) -> list[Problem]:
@@ -143,12 +145,6 @@ def _field(parts: list[Any]) -> str:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text
-
-
-def _prepare(raw: dict[str, Any]) -> dict[str, Any]:
-    from ray.autoscaler._private.util import prepare_config
-
-    return prepare_config(raw)
 
 
 def _section(raw: dict[str, Any]) -> tuple[KarstSection | None, list[Problem]]:
