@@ -8,13 +8,13 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet $(TORCH_PINS)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt $(TORCH_PINS)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -32,6 +32,14 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/adapter_step.py
 	$(VENV)/bin/python bench/forward_rule.py
 	$(VENV)/bin/python bench/search_overhead.py
+	$(VENV)/bin/python bench/tracking_load.py
+
+# constraints.txt pins every package of a working .venv: `make test` installs from it, and so
+# do the nodes of ray_cluster.yaml (`karst cluster check` compares it with the driver).
+# Regenerate it after changing dependencies.
+constraints: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

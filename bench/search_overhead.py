@@ -51,7 +51,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         start = time.perf_counter()
-        ray.init(num_cpus=CONCURRENCY, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=CONCURRENCY, include_dashboard=False,
+                 log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
         ray_start = time.perf_counter() - start
         start = time.perf_counter()

@@ -15,11 +15,14 @@ import mlflow
 
 import karst
 from pipeline.config import TrialConfig, flatten
+from pipeline.front import FAILED
 from pipeline.train import EpochReport
 from pipeline.trial import TrialResult
 
 #: MLflow refuses param values longer than this; longer ones are cut with a marker.
 _MAX_PARAM_CHARS = 6000
+_MAX_ERROR_CHARS = 5000  # of a failed run's reason, tag `karst.error`
+FAILURE_TAGS = {"karst.state", "karst.error"}
 
 
 def log_config(config: TrialConfig) -> None:
@@ -53,7 +56,8 @@ def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
 
     A resumed fine-tune goes on logging into the run it started instead of opening a
     second one: `run_id` names it (a search finds its trial's run by tags), or with a
-    `checkpoint_dir` the run id is kept there.
+    `checkpoint_dir` the run id is kept there. An error inside ends the run FAILED with tags
+    `karst.state=failed` and `karst.error` (the reason).
     """
     if experiment:
         mlflow.set_experiment(experiment)
@@ -64,9 +68,17 @@ def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
         if id_file and not run_id:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run.info.run_id)
-        if not run_id:
+        if run_id:  # resumed: a failure the attempt before recorded no longer stands
+            for key in FAILURE_TAGS & run.data.tags.keys():
+                mlflow.MlflowClient().delete_tag(run_id, key)
+        else:
             mlflow.set_tags({"karst.kind": "trial", "karst.method": config.adapter.method,
                              **({"karst.config_file": source} if source else {}),
                              **(tags or {})})
             log_config(config)
-        yield run
+        try:
+            yield run
+        except Exception as err:  # the run ends FAILED; say why where the error happened
+            mlflow.set_tags({"karst.state": FAILED,
+                             "karst.error": f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]})
+            raise

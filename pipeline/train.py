@@ -106,19 +106,23 @@ class Trainer:
     def train_epoch(self) -> float:
         model, s = self.model, self.schedule
         model.train()
-        total, seen = 0.0, 0
-        for images, labels in self.train_split.batches(s.batch_size, shuffle=True,
-                                                       generator=self.generator):
+        total, seen, epoch = 0.0, 0, len(self.reports) + 1
+        batches = self.train_split.batches(s.batch_size, shuffle=True, generator=self.generator)
+        for step, (images, labels) in enumerate(batches, start=1):
             images, labels = images.to(self.device), labels.to(self.device)
             with autocast_for(self.device):
                 loss = F.cross_entropy(model(images), labels, label_smoothing=s.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):  # stop at once: every later step would be wasted
+                raise FloatingPointError(f"train loss became {value} at epoch {epoch}, step "
+                                         f"{step}; lower optim.lr or set optim.grad_clip.")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], s.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            total += loss.item() * len(labels)
+            total += value * len(labels)
             seen += len(labels)
         return total / seen
 
@@ -186,9 +190,6 @@ def fit(
     for epoch in range(len(trainer.reports) + 1, schedule.epochs + 1):
         start = time.perf_counter()
         train_loss = trainer.train_epoch()
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"train loss became {train_loss} in epoch {epoch}; "
-                                     "lower optim.lr or set optim.grad_clip.")
         report = EpochReport(epoch, train_loss, accuracy(model, val),
                              time.perf_counter() - start)
         trainer.reports.append(report)

@@ -25,7 +25,7 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import TrialConfig
-from pipeline.front import COMPLETE, FAILED
+from pipeline.front import COMPLETE
 from pipeline.train import EpochReport
 from pipeline.trial import default_device, prepare_trial, run_trial
 
@@ -48,16 +48,18 @@ def train_trial(config: dict[str, Any], *, parent_run_id: str, experiment_id: st
         return
     tags = {"karst.search": search, "karst.trial_number": str(number),
             "karst.config_digest": digest, "mlflow.parentRunId": parent_run_id}
-    with tracking.trial_run(trial_config, run_name=f"{search}-trial-{number:04d}", tags=tags,
-                            run_id=recorded.info.run_id if recorded else None) as run, \
-            _restored_checkpoint() as checkpoint_dir:
-        mlflow.set_tag("karst.ray_node", ray.get_runtime_context().get_node_id())  # this attempt's
-        try:
-            report = _train(trial_config, run.info.run_id, checkpoint_dir)
-        except Exception as err:  # noqa: BLE001 - the trial's own failure, whatever it is
-            report = _failure_report(err, run.info.run_id)
-    if report.get("error"):
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
+    run_id = None
+    try:
+        with tracking.trial_run(trial_config, run_name=f"{search}-trial-{number:04d}", tags=tags,
+                                run_id=recorded.info.run_id if recorded else None) as run, \
+                _restored_checkpoint() as checkpoint_dir:
+            run_id = run.info.run_id
+            mlflow.set_tag("karst.ray_node", ray.get_runtime_context().get_node_id())
+            report = _train(trial_config, run_id, checkpoint_dir)
+    except Exception as err:  # noqa: BLE001 - the run is closed FAILED with the reason
+        if run_id is None:
+            raise  # no run yet: MLflow or this worker is at fault, and Ray retries
+        report = _failure_report(err, run_id)
     tune.report(report)
 
 
@@ -85,17 +87,15 @@ def _train(config: TrialConfig, run_id: str, checkpoint_dir: Path) -> dict[str, 
 
 
 def _failure_report(err: Exception, run_id: str) -> dict[str, Any]:
-    """A trial that raised is recorded as failed and reported, not raised to Ray.
+    """A trial that raised is reported as failed, not raised to Ray.
 
     Ray retries a trial that raises (`FailureConfig.max_failures`), which is right when a
     node vanished under it and wasteful when the trial itself is broken (a NaN loss, a
     config the backbone rejects): those fail the same way every time. No `epoch`, so that
     no scheduler ranks it at a rung.
     """
-    reason = f"{type(err).__name__}: {err}"
-    mlflow.set_tags({"karst.state": FAILED, "karst.error": reason[:5000]})
-    return {"error": reason, "val_accuracy": float("nan"), "params": 0, "full_budget": False,
-            "mlflow_run_id": run_id}
+    return {"error": f"{type(err).__name__}: {err}", "val_accuracy": float("nan"), "params": 0,
+            "full_budget": False, "mlflow_run_id": run_id}
 
 
 def final_report(metrics: dict[str, float], epoch: int, run_id: str) -> dict[str, Any]:

@@ -59,3 +59,50 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (tests/servers.py). Fails, never skips, when
+    PostgreSQL is missing: the message says how to install it."""
+    from servers import Postgres
+
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_servers(tmp_path):
+    """Start `mlflow server`s on 127.0.0.1 (tests/servers.py): `start(backend_uri)`, default a
+    fresh SQLite store; each keeps its port and stores across `.restart()`; all stopped after."""
+    from servers import MlflowServer
+
+    started = []
+
+    def start(backend_uri: str | None = None):
+        n = len(started)
+        server = MlflowServer(backend_uri or f"sqlite:///{tmp_path / f'server{n}.db'}",
+                              tmp_path / f"artifacts{n}")
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_servers):
+    """One `mlflow server` over a fresh SQLite store: `.url`, `.restart()`."""
+    return mlflow_servers()
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray for one test (2 CPUs), shut down after it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()

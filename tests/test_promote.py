@@ -70,7 +70,7 @@ def store(tmp_path_factory):
         patch.chdir(root)
         mlflow.set_tracking_uri(uri)
         (root / "space.yaml").write_text(SPACE)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
         try:
             result = run_search(load_space(root / "space.yaml"), name=SEARCH, trials=3,

@@ -60,14 +60,14 @@ def test_a_killed_search_resumes_to_exactly_its_trials(tracking, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(
         [*KARST, "search", "space.yaml", "--trials", str(TRIALS), "--name", "killed",
-         "--sampler", "random", "--storage", str(tmp_path / "ray")],
+         "--sampler", "random", "--storage", str(tmp_path / "ray"), "--address", "local"],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     done_before = _kill_after_first_complete(driver, client, "killed")
     assert done_before < TRIALS, "the search ended before the kill: nothing left to resume"
 
-    resumed = subprocess.run([*KARST, "search", "--resume", "killed"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*KARST, "search", "--resume", "killed", "--address", "local"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
 
     children = _children(client, "killed")

@@ -25,14 +25,6 @@ early_stopping: {mode: none}
 """
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_search_logs_parent_children_and_a_front(local_ray, tracking, tmp_path):
     uri = tracking

@@ -53,7 +53,7 @@ early_stopping: {mode: pareto, grace_epochs: 1, reduction_factor: 3}
 def test_early_stopped_trials_are_pruned_and_never_on_the_front(tracking, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
         result = run_search(load_space(space_file), name="stops", trials=6, sampler="random",
