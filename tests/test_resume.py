@@ -1,8 +1,11 @@
 """A search whose driver is killed mid-run, then `karst search --resume`: nothing lost or doubled.
 
-The driver runs as a real `karst search` process (with its own local Ray) and is killed with
-SIGKILL, process group and all, once MLflow shows a finished trial; the resume is a second
-real process. The MLflow store and Ray's storage are the test's own.
+The driver runs as a real `karst search` process and is killed with SIGKILL, process group and
+all, once MLflow shows a finished trial; the resume is a second real process. Two settings:
+the driver with its own local Ray, which dies with it (a laptop that crashed), and a driver
+connected to a running multi-node cluster (`ray.cluster_utils.Cluster`), which survives it
+(a laptop that disconnected from `ray up`'s cluster). The MLflow store and Ray's storage are
+the test's own.
 """
 
 import os
@@ -13,6 +16,7 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -53,20 +57,34 @@ def _kill_after_first_complete(driver: subprocess.Popen, client: MlflowClient,
                          f"{driver.stdout.read() if driver.poll() is not None else ''}")
 
 
+@pytest.fixture(params=["local", "cluster"])
+def ray_address(request):
+    """`local`: each `karst search` process starts its own Ray. `cluster`: a CPU-less head and
+    two one-CPU worker nodes that outlive the drivers."""
+    if request.param == "local":
+        yield "local"
+        return
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    yield cluster.address
+    cluster.shutdown()
+
+
 @pytest.mark.slow
-def test_a_killed_search_resumes_to_exactly_its_trials(tracking, tmp_path):
+def test_a_killed_search_resumes_to_exactly_its_trials(ray_address, tracking, tmp_path):
     client = MlflowClient(tracking)
     (tmp_path / "space.yaml").write_text(SPACE)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(
         [*KARST, "search", "space.yaml", "--trials", str(TRIALS), "--name", "killed",
-         "--sampler", "random", "--storage", str(tmp_path / "ray"), "--address", "local"],
+         "--sampler", "random", "--storage", str(tmp_path / "ray"), "--address", ray_address],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     done_before = _kill_after_first_complete(driver, client, "killed")
     assert done_before < TRIALS, "the search ended before the kill: nothing left to resume"
 
-    resumed = subprocess.run([*KARST, "search", "--resume", "killed", "--address", "local"],
+    resumed = subprocess.run([*KARST, "search", "--resume", "killed", "--address", ray_address],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
 
