@@ -106,3 +106,21 @@ def local_ray():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()
+
+
+def small_search_space(epochs: int):
+    """A real two-trial-at-a-time space whose trials last a few seconds per epoch: long enough
+    for a fault to land mid-trial (node loss, tracking restart)."""
+    from pipeline.space import SearchSpace
+
+    return SearchSpace.model_validate({
+        "trial": {"backbone": {"name": "karst_vit_fmnist"},
+                  "task": {"name": "digits", "train_size": 320, "val_size": 64},
+                  "adapter": {"method": "karst", "factor": 8}, "epochs": epochs,
+                  "batch_size": 32},
+        "search": {"adapter.num_kernels": {"type": "categorical", "choices": [1, 2]},
+                   "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "early_stopping": {"mode": "none"},
+    })

@@ -11,23 +11,13 @@ import time
 
 import pytest
 import ray
+from conftest import small_search_space
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from pipeline.search import run_search
-from pipeline.space import SearchSpace
 
 TRIALS, EPOCHS = 3, 5
-SPACE = {
-    "trial": {"backbone": {"name": "karst_vit_fmnist"},
-              "task": {"name": "digits", "train_size": 320, "val_size": 64},
-              "adapter": {"method": "karst", "factor": 8}, "epochs": EPOCHS, "batch_size": 32},
-    "search": {"adapter.num_kernels": {"type": "categorical", "choices": [1, 2]},
-               "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
-    "max_concurrent": 2,
-    "resources": {"cpu": 1},
-    "early_stopping": {"mode": "none"},
-}
 WORKER = {"num_cpus": 1, "num_gpus": 0}
 
 
@@ -63,7 +53,7 @@ def test_a_lost_node_restarts_its_trial_from_the_last_checkpoint(cluster, tracki
     client = MlflowClient(tracking)
     outcome: dict = {}
     search = threading.Thread(target=lambda: outcome.update(result=run_search(
-        SearchSpace.model_validate(SPACE), name="spot", trials=TRIALS, sampler="random",
+        small_search_space(EPOCHS), name="spot", trials=TRIALS, sampler="random",
         storage=tmp_path / "ray")))
     search.start()
     node = _node_of_a_trial_past(client, nodes, epochs=2)

@@ -11,21 +11,12 @@ import time
 
 import mlflow
 import pytest
+from conftest import small_search_space
 from mlflow.tracking import MlflowClient
 
 from pipeline.search import run_search
-from pipeline.space import SearchSpace
 
 TRIALS, EPOCHS, DOWN_SECONDS = 3, 4, 5
-SPACE = {
-    "trial": {"backbone": {"name": "karst_vit_fmnist"},
-              "task": {"name": "digits", "train_size": 320, "val_size": 64},
-              "adapter": {"method": "karst", "factor": 8}, "epochs": EPOCHS, "batch_size": 32},
-    "search": {"adapter.num_kernels": {"type": "categorical", "choices": [1, 2]},
-               "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
-    "max_concurrent": 2,
-    "early_stopping": {"mode": "none"},
-}
 
 
 @pytest.fixture
@@ -53,7 +44,7 @@ def test_a_restarted_tracking_server_loses_no_metric(fast_retries, mlflow_server
     client = MlflowClient(server.url)
     outcome: dict = {}
     search = threading.Thread(target=lambda: outcome.update(result=run_search(
-        SearchSpace.model_validate(SPACE), name="restart", trials=TRIALS, sampler="random",
+        small_search_space(EPOCHS), name="restart", trials=TRIALS, sampler="random",
         storage=tmp_path / "ray")))
     search.start()
     _wait_for_an_epoch(client)
