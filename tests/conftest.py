@@ -108,14 +108,14 @@ def local_ray():
     ray.shutdown()
 
 
-def small_search_space(epochs: int):
-    """A real two-trial-at-a-time space whose trials last a few seconds per epoch: long enough
-    for a fault to land mid-trial (node loss, tracking restart)."""
+def small_search_space(epochs: int, train_size: int = 320):
+    """A real two-trial-at-a-time space whose trials last a second or more per epoch: long
+    enough for a fault to land mid-trial (node loss, tracking restart)."""
     from pipeline.space import SearchSpace
 
     return SearchSpace.model_validate({
         "trial": {"backbone": {"name": "karst_vit_fmnist"},
-                  "task": {"name": "digits", "train_size": 320, "val_size": 64},
+                  "task": {"name": "digits", "train_size": train_size, "val_size": 64},
                   "adapter": {"method": "karst", "factor": 8}, "epochs": epochs,
                   "batch_size": 32},
         "search": {"adapter.num_kernels": {"type": "categorical", "choices": [1, 2]},
