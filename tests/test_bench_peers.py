@@ -34,6 +34,15 @@ def test_karst_rows_keep_kernels_times_rank_fixed():
         peers.karst_methods(bad)
 
 
+def test_a_reduced_task_runs_part_of_the_karst_grid_and_every_baseline():
+    methods = peers.all_methods(peers.FULL)
+    on_digits = [m for m in methods if peers.FULL.runs_on(m, "digits")]
+    assert all(peers.FULL.runs_on(m, "mnist") for m in methods)
+    assert {(m.adapter["num_kernels"], m.adapter["rescale"]) for m in on_digits
+            if m.kind == "karst"} == {(1, "channel"), (1, "none"), (8, "channel"), (8, "none")}
+    assert {m.kind for m in on_digits} == {"linear", "full", "lora", "lokr", "ssf", "karst"}
+
+
 def test_effects_are_paired_differences_by_seed():
     def row(n, rescale, tests):
         method = peers.Method(f"KARST N {n}", "karst", {"method": "karst", "num_kernels": n,
