@@ -87,6 +87,15 @@ def test_replay_charges_exactly_the_epochs_trained(strategy, sampler):
         assert any(not t.complete for t in trials)  # slow learners stopped, epochs saved
 
 
+def test_the_no_repeat_what_if_trains_each_configuration_at_most_once(sampler):
+    table = synthetic_table(sampler)
+    what_if = next(s for s in se.variants(EarlyStopping()) if s.skip_seen)
+    trials = se.replay(what_if, seed=0, table=table, sampler=sampler,
+                       budget=table.exhaustive_epochs)
+    keys = [t.key for t in trials]
+    assert len(keys) == len(set(keys)) and trials[-1].spent <= table.exhaustive_epochs
+
+
 def test_the_exhaustive_strategy_reaches_the_whole_true_hypervolume(sampler):
     table = synthetic_table(sampler)
     exhaustive = se.strategies(EarlyStopping())[0]
