@@ -48,6 +48,7 @@ from pipeline.backbones import create_model_skeleton  # noqa: E402
 from pipeline.config import BackboneConfig, TrialConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+MIN_EFFECT = 0.005  # accuracy differences below half a point are not called an effect
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,12 @@ class Effect:
         return statistics.stdev(self.diffs) if len(self.diffs) > 1 else 0.0
 
     def verdict(self) -> str:
-        """Helps/hurts when the mean is beyond two standard errors of the paired mean."""
+        """Helps/hurts when the mean is beyond two standard errors of the paired mean and
+        at least `MIN_EFFECT`; otherwise no clear difference."""
         if len(self.diffs) < 2:
             return "one seed: no verdict"
-        if abs(self.mean) <= 2 * self.std / len(self.diffs) ** 0.5:
+        if (abs(self.mean) <= 2 * self.std / len(self.diffs) ** 0.5
+                or abs(self.mean) < MIN_EFFECT):
             return "no clear difference"
         return "helps" if self.mean > 0 else "hurts"
 
@@ -271,6 +274,36 @@ def effects(rows: list[Row], settings: Settings) -> list[Effect]:
     return found
 
 
+def _said(effects: list[Effect]) -> str:
+    verdicts = {e.verdict() for e in effects}
+    if verdicts == {"helps"}:
+        return "better"
+    if verdicts == {"hurts"}:
+        return "worse"
+    if verdicts <= {"no clear difference", "one seed: no verdict"}:
+        return "no clear difference"
+    return "mixed"
+
+
+def _figures(effects: list[Effect]) -> str:
+    return "; ".join(f"{e.task}, {e.what.split(' (mean over')[0]}: {100 * e.mean:+.1f} ± "
+                     f"{100 * e.std:.1f} points" for e in effects)
+
+
+def plain_summary(found: list[Effect]) -> str:
+    """The answer to "do multi-kernels and re-scaling help here?", from the effects."""
+    groups = {"Multi-kernels (N > 1 against N 1, same N · r and re-scaling)":
+              [e for e in found if e.what.startswith("N ")],
+              "Re-scaling transmission (against none, same N)":
+              [e for e in found if e.what.startswith("re-scaling")],
+              "The best KARST row (chosen on validation) against LoRA at matched size":
+              [e for e in found if "vs LoRA" in e.what],
+              "The best KARST row against LoKr (KARST's N 1, no re-scaling case)":
+              [e for e in found if "vs LoKr" in e.what]}
+    return "\n".join(f"- {what}: **{_said(effects)}** here ({_figures(effects)})."
+                      for what, effects in groups.items() if effects)
+
+
 def _pct(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
@@ -296,35 +329,48 @@ RESCALE_COLOURS = {"channel": "tab:red", "scalar": "tab:orange", "none": "tab:bl
 
 
 def plot(rows: list[Row], settings: Settings, path: Path) -> Path:
+    """Test accuracy against adapter size (log), one panel per task; the linear probe, with
+    no adapter parameters, is a horizontal band."""
     tasks = list(settings.epochs)
-    fig, axes = new_figure(ncols=len(tasks), figsize=(6 * len(tasks), 4.5), dpi=120,
+    fig, axes = new_figure(ncols=len(tasks), figsize=(6 * len(tasks), 5), dpi=120,
                            squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in (r for r in rows if r.task == task):
-            mean, std = 100 * statistics.mean(r.test), 100 * (statistics.stdev(r.test)
-                                                             if len(r.test) > 1 else 0.0)
-            if r.method.kind == "karst":
-                colour, marker = RESCALE_COLOURS[r.method.adapter["rescale"]], "o"
-                ax.annotate(f"N{r.method.adapter['num_kernels']}", (r.params, mean),
-                            fontsize=6, xytext=(3, 3), textcoords="offset points")
-            else:
-                colour, marker = STYLE[r.method.kind]
-            ax.errorbar(r.params, mean, yerr=std, fmt=marker, color=colour, capsize=2,
-                        markersize=5, label=_legend_label(r))
-        ax.set_xscale("symlog", linthresh=1000)
-        ax.set(xlabel="trainable adapter parameters (head excluded; symlog)",
+            _draw(ax, r)
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable adapter parameters (head excluded)",
                ylabel="test accuracy % (mean ± std)",
                title=f"{task}: {settings.epochs[task]} epochs, {len(settings.seeds)} seeds")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="center right")
     return save_figure(fig, path)
+
+
+def _draw(ax: Any, row: Row) -> None:
+    mean = 100 * statistics.mean(row.test)
+    std = 100 * statistics.stdev(row.test) if len(row.test) > 1 else 0.0
+    if row.params == 0:
+        colour = STYLE[row.method.kind][0]
+        ax.axhline(mean, color=colour, linestyle="--", linewidth=1, label=_legend_label(row))
+        ax.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
+        return
+    if row.method.kind == "karst":
+        colour, marker = RESCALE_COLOURS[row.method.adapter["rescale"]], "o"
+        ax.annotate(f"N{row.method.adapter['num_kernels']}", (row.params, mean), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    else:
+        colour, marker = STYLE[row.method.kind]
+    ax.errorbar(row.params, mean, yerr=std, fmt=marker, color=colour, capsize=2,
+                markersize=5, label=_legend_label(row))
 
 
 def _legend_label(row: Row) -> str:
     if row.method.kind == "karst":
         return f"KARST, re-scaling {row.method.adapter['rescale']}"
+    if row.method.kind == "lokr":
+        return "LoKr (the KARST N 1, none runs: same point)"
     return row.method.label
 
 
@@ -335,6 +381,14 @@ def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
              "test_std": round(statistics.stdev(r.test), 4) if len(r.test) > 1 else 0.0,
              "val_mean": round(statistics.mean(r.val), 4),
              "test_per_seed": " ".join(f"{t:.4f}" for t in r.test)} for r in rows]
+
+
+def _edge_note(lrs: dict[str, float], settings: Settings) -> str:
+    """Families whose best lr is the largest or smallest tried: their optimum may lie beyond."""
+    edge = [f for f, lr in lrs.items() if lr in (min(settings.lrs), max(settings.lrs))]
+    if not edge or len(settings.lrs) < 2:
+        return ""
+    return f" ({', '.join(edge)} at the edge of the grid: their best lr may lie beyond it)"
 
 
 def _grid_note(settings: Settings, task: str) -> str:
@@ -359,17 +413,21 @@ Generated by `python -m bench.peers`: {len(rows)} method × task rows, {len(sett
 seeds each; the runs in the tables took {minutes:.0f} min of wall time (sum over runs, as
 recorded; the machine may have been shared). Learning rate per family, chosen on seed
 {settings.seeds[0]} of {next(iter(settings.epochs))} from {list(settings.lrs)}:
-{", ".join(f"{family} {lr:g}" for family, lr in lrs.items())}.
+{", ".join(f"{family} {lr:g}" for family, lr in lrs.items())}{_edge_note(lrs, settings)}.
 
 {tasks}
 
 ![test accuracy against adapter parameters](figures/peers.png)
 
 Paired by seed (same split, same initialisation), difference of test accuracy in points,
-mean ± std over seeds; "helps"/"hurts" when the mean is beyond two standard errors,
-"no clear difference" otherwise:
+mean ± std over seeds; "helps"/"hurts" when the mean is beyond two standard errors and at
+least {100 * MIN_EFFECT:g} point, "no clear difference" otherwise:
 
 {effects_table(found)}
+
+In plain words (the paper reports that both multi-kernels and re-scaling help on VTAB-1K):
+
+{plain_summary(found)}
 
 All rows: `docs/tables/peers.csv`; raw runs: `bench/results/peers.jsonl`."""
     replace_section(docs / "benchmarks.md", "peers", body)

@@ -271,6 +271,12 @@ def fraction_at(curve: Sequence[tuple[int, float]], spent: float) -> float:
     return max((hv for s, hv in curve if s <= spent), default=0.0)
 
 
+class TrialCounts(NamedTuple):
+    started: float
+    stopped: float  # share of those started
+    repeats: float  # share of those started
+
+
 @dataclass(frozen=True)
 class Replays:
     strategy: Strategy
@@ -285,12 +291,16 @@ class Replays:
     def at(self, fraction: float, table: Table) -> list[float]:
         return [fraction_at(c, fraction * table.exhaustive_epochs) for c in self.curves]
 
-    def trials_within(self, fraction: float, table: Table) -> tuple[float, float]:
-        """Mean trials started and mean share of them stopped early, within the compute."""
+    def trials_within(self, fraction: float, table: Table) -> TrialCounts:
+        """Means over seeds of the trials started within the compute, and of the shares of
+        them stopped early and of them repeating a configuration trained before."""
         limit = fraction * table.exhaustive_epochs
         started = [[t for t in run if t.spent - t.epochs < limit] for run in self.runs]
         stopped = [sum(not t.complete for t in run) / max(1, len(run)) for run in started]
-        return statistics.mean(len(run) for run in started), statistics.mean(stopped)
+        repeats = [(len(run) - len({t.key for t in run})) / max(1, len(run)) for run in started]
+        return TrialCounts(statistics.mean(len(run) for run in started),
+                           statistics.mean(stopped), statistics.mean(repeats))
+
 
 
 def run_replays(strategy: Strategy, seeds: Sequence[int], table: Table,
@@ -341,13 +351,15 @@ def summary_rows(results: list[Replays], table: Table) -> list[dict]:
     for r in results:
         for fraction in r.report_at:
             values = r.at(fraction, table)
-            trials, stopped = r.trials_within(fraction, table)
+            counts = r.trials_within(fraction, table)
             rows.append({"strategy": r.strategy.name, "compute_fraction": fraction,
                          "hv_fraction_mean": round(statistics.mean(values), 4),
                          "hv_fraction_std": round(statistics.stdev(values), 4)
                          if len(values) > 1 else 0.0,
                          "hv_fraction_min": round(min(values), 4),
-                         "trials_started": round(trials, 1), "share_stopped": round(stopped, 3),
+                         "trials_started": round(counts.started, 1),
+                         "share_stopped": round(counts.stopped, 3),
+                         "share_repeats": round(counts.repeats, 3),
                          "seeds": len(values)})
     return rows
 
@@ -356,12 +368,12 @@ def strategy_table(results: list[Replays], table: Table) -> str:
     """HV fraction (mean ± std over seeds) at the compute points every run reached."""
     report_at = min((r.report_at for r in results), key=len)
     header = ["strategy", *(f"HV at {f:.0%} compute" for f in report_at),
-              f"trials by {GOAL_COMPUTE:.0%}", "stopped early"]
+              f"trials by {GOAL_COMPUTE:.0%}", "of them stopped early", "of them repeats"]
     rows = []
     for r in results:
-        trials, stopped = r.trials_within(GOAL_COMPUTE, table)
+        counts = r.trials_within(GOAL_COMPUTE, table)
         rows.append([r.strategy.name, *(mean_std(r.at(f, table)) for f in report_at),
-                     f"{trials:.1f}", f"{stopped:.0%}"])
+                     f"{counts.started:.1f}", f"{counts.stopped:.0%}", f"{counts.repeats:.0%}"])
     return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
@@ -395,6 +407,7 @@ def table_rows(table: Table) -> list[dict]:
                      "factor": "x".join(map(str, adapter["factor"])), "rank": adapter["rank"],
                      "rescale": adapter["rescale"], "params": r.params,
                      "val_accuracy": round(r.val_accuracy[-1], 4),
+                     "val_curve": " ".join(f"{v:.3f}" for v in r.val_accuracy),
                      "test_accuracy": round(r.test_accuracy, 4),
                      "seconds": round(r.seconds, 1)})
     return sorted(rows, key=lambda row: row["params"])
