@@ -4,12 +4,13 @@ import statistics
 
 import pytest
 
+from bench import peer_runs as pr
 from bench import peers
-from bench.runs import RunCache
+from bench.runs import RunCache, RunRecord
 from pipeline.backbones import create_model_skeleton
 from pipeline.config import BackboneConfig
 
-TOY = peers.Settings(epochs={"digits": 1}, seeds=(0, 1), lrs=(3e-3, 1e-2), kernels=(1, 2),
+TOY = pr.Settings(epochs={"digits": 1}, seeds=(0, 1), lrs=(3e-3, 1e-2), kernels=(1, 2),
                      rescales=("channel", "none"), baselines=("lokr",), train_size=64,
                      val_size=32)
 
@@ -22,22 +23,22 @@ def skeleton():
 @pytest.mark.parametrize(("counts", "rank"), [([12_288], 2), ([18_000, 18_900], 3),
                                               ([6_000, 6_100, 30_000], 1)])
 def test_lora_rank_is_the_one_closest_to_the_median_karst_size(skeleton, counts, rank):
-    assert peers.matched_lora_rank(skeleton, counts) == rank
+    assert pr.matched_lora_rank(skeleton, counts) == rank
 
 
 def test_karst_rows_keep_kernels_times_rank_fixed():
-    rows = peers.karst_methods(peers.FULL)
+    rows = pr.karst_methods(pr.FULL)
     assert {m.adapter["num_kernels"] * m.adapter["rank"] for m in rows} == {8}
     assert len(rows) == 12  # N in {1, 2, 4, 8} × three re-scaling modes
-    bad = peers.Settings(epochs={"digits": 1}, seeds=(0,), lrs=(1e-3,), kernels=(3,))
+    bad = pr.Settings(epochs={"digits": 1}, seeds=(0,), lrs=(1e-3,), kernels=(3,))
     with pytest.raises(ValueError, match="N=3 does not divide kernel_rank=8"):
-        peers.karst_methods(bad)
+        pr.karst_methods(bad)
 
 
 def test_a_reduced_task_runs_part_of_the_karst_grid_and_every_baseline():
-    methods = peers.all_methods(peers.FULL)
-    on_digits = [m for m in methods if peers.FULL.runs_on(m, "digits")]
-    assert all(peers.FULL.runs_on(m, "mnist") for m in methods)
+    methods = pr.all_methods(pr.FULL)
+    on_digits = [m for m in methods if pr.FULL.runs_on(m, "digits")]
+    assert all(pr.FULL.runs_on(m, "mnist") for m in methods)
     assert {(m.adapter["num_kernels"], m.adapter["rescale"]) for m in on_digits
             if m.kind == "karst"} == {(1, "channel"), (1, "none"), (8, "channel"), (8, "none")}
     assert {m.kind for m in on_digits} == {"linear", "full", "lora", "lokr", "ssf", "karst"}
@@ -45,27 +46,27 @@ def test_a_reduced_task_runs_part_of_the_karst_grid_and_every_baseline():
 
 def test_effects_are_paired_differences_by_seed():
     def row(n, rescale, tests):
-        method = peers.Method(f"KARST N {n}", "karst", {"method": "karst", "num_kernels": n,
+        method = pr.Method(f"KARST N {n}", "karst", {"method": "karst", "num_kernels": n,
                                                         "rescale": rescale})
-        records = [peers.RunRecord("k", {}, 100, [v], [0.0], [0.0], t, 0.0)
+        records = [RunRecord("k", {}, 100, [v], [0.0], [0.0], t, 0.0)
                    for v, t in zip((0.5, 0.6), tests, strict=True)]
-        return peers.Row("digits", method, 1e-3, records)
+        return pr.Row("digits", method, 1e-3, records)
 
     rows = [row(1, "channel", [0.70, 0.80]), row(1, "none", [0.60, 0.70]),
             row(2, "channel", [0.75, 0.90]), row(2, "none", [0.65, 0.70])]
-    found = {e.what.split(" (")[0]: e for e in peers.effects(rows, TOY)}
+    found = {e.what.split(" (")[0]: e for e in pr.effects(rows, TOY)}
     kernels = found["N 2 vs N 1"]
     assert kernels.diffs == pytest.approx([0.05, 0.05])
     rescale = found["re-scaling channel vs none"]
     assert rescale.diffs == pytest.approx([0.10, 0.15])
     assert rescale.verdict() == "helps"
-    assert peers.Effect("digits", "x", [0.01, -0.02, 0.015]).verdict() == "no clear difference"
+    assert pr.Effect("digits", "x", [0.01, -0.02, 0.015]).verdict() == "no clear difference"
 
 
 @pytest.mark.slow
 def test_the_study_runs_each_config_once_and_reports(tmp_path):
     cache = RunCache(tmp_path / "peers.jsonl")
-    rows = peers.run_study(TOY, cache)
+    rows = pr.run_study(TOY, cache)
     labels = [r.method.label for r in rows]
     assert len(rows) == 5 and labels[0].startswith("LoKr")
     karst_n1_none = next(r for r in rows if r.method.label.endswith("N 1, r 8, none"))
@@ -85,10 +86,10 @@ def test_the_study_runs_each_config_once_and_reports(tmp_path):
 
     peers.report(rows, TOY, tmp_path / "docs")
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
-    assert "<!-- peers:begin -->" in text and "N 2 vs N 1" in text
+    assert "<!-- peers:begin -->" in text and "N 2 vs N 1" in text and "In plain words" in text
     assert (tmp_path / "docs" / "figures" / "peers.png").stat().st_size > 0
     assert len((tmp_path / "docs" / "tables" / "peers.csv").read_text().splitlines()) == 6
 
     again = RunCache(tmp_path / "peers.jsonl")
-    peers.run_study(TOY, again)
+    pr.run_study(TOY, again)
     assert again.trained == 0
