@@ -25,7 +25,9 @@ def make_scheduler(early: EarlyStopping, epochs: int) -> TrialScheduler:
     if early.mode == "asha":  # metric set here only: TuneConfig stays two-objective
         return ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max",
                              max_t=epochs, grace_period=early.grace_epochs,
-                             reduction_factor=early.reduction_factor)
+                             reduction_factor=early.reduction_factor,
+                             stop_last_trials=False)  # else the last epoch's report is a STOP,
+                                                      # before the trial's full-budget result
     return FIFOScheduler()
 
 

@@ -75,3 +75,15 @@ def test_early_stopped_trials_are_pruned_and_never_on_the_front(tracking, tmp_pa
     states = sorted(r.data.tags.get("karst.state") for r in runs)
     assert states == ["complete"] * 5 + ["stopped"]
     assert all(r.info.status == "KILLED" for r in runs if r.data.tags["karst.state"] == "stopped")
+
+
+def test_asha_lets_a_trial_reach_its_full_budget_report():
+    from ray.tune.experiment import Trial
+
+    from pipeline.stopping import make_scheduler
+
+    asha = make_scheduler(EarlyStopping(mode="asha", grace_epochs=1, reduction_factor=3), 3)
+    trial = Trial("trainable", stub=True)
+    asha.on_trial_add(None, trial)
+    for epoch in (1, 2, 3):  # the last epoch's report comes before the full-budget result
+        assert asha.on_trial_result(None, trial, {"epoch": epoch, "val_accuracy": 0.5}) == CONTINUE
