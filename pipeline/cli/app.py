@@ -18,6 +18,7 @@ console = Console()
 def main() -> None:
     """karst-search: multi-kernel Kronecker adapters, searched and shipped."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep tables clean
     logger = logging.getLogger("pipeline")  # e.g. the keys a checkpoint left out
     if not logger.handlers:
         logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))

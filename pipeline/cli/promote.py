@@ -40,7 +40,6 @@ def promote(
     from pipeline.promote import GateConfig, choose
     from pipeline.registry import check_registry_names
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the tables
     if policy is not None and trial is not None:
         raise fail(f"--policy {policy!r} and --trial {trial}: give one of them, not both")
     model_name = model_name or search_name
