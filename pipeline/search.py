@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from pipeline import tracking
 from pipeline.front import (
     COMPLETE,
     FAILED,
@@ -309,10 +310,12 @@ def _close_unfinished_runs(grid: Any) -> None:
         run_id = metrics.get("mlflow_run_id")
         if not run_id or metrics.get("full_budget") or metrics.get("error"):
             continue  # closed by its worker
-        state, status = (FAILED, "FAILED") if result.error else (STOPPED, "KILLED")
-        client.set_tag(run_id, "karst.state", state)
         if result.error:
-            client.set_tag(run_id, "karst.error", str(result.error)[:5000])
+            tags, status = tracking.failure_tags(result.error), "FAILED"
+        else:
+            tags, status = {"karst.state": STOPPED}, "KILLED"
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
         client.set_terminated(run_id, status=status)
 
 

@@ -79,6 +79,10 @@ def trial_run(config: TrialConfig, *, run_name: str, source: str | None = None,
         try:
             yield run
         except Exception as err:  # the run ends FAILED; say why where the error happened
-            mlflow.set_tags({"karst.state": FAILED,
-                             "karst.error": f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]})
+            mlflow.set_tags(failure_tags(err))
             raise
+
+
+def failure_tags(err: BaseException) -> dict[str, str]:
+    """The tags of a failed run: `karst.state=failed` and the reason, cut to a tag's size."""
+    return {"karst.state": FAILED, "karst.error": f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]}
